@@ -1,0 +1,3 @@
+"""vllm-topt: Top-θ sparse decode attention for vLLM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,173 @@
+"""Batched Top-θ decode over vLLM's CPU paged KV cache (vectorised torch).
+
+K is read in full (gathered per sequence, as every score is needed); V is read
+only for the (sequence, KV head, block) triples where at least one query head
+of the group keeps at least one row (SPEC §5). VMC takes the mean of V from
+per-block V sums kept beside the cache (`update_v_block_sums`), so it never
+reads V rows that were dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_topt.reference import DensityCounts, ToptRule
+
+# Layouts of one K block inside vLLM's CPU cache, by attention ISA:
+# "vec"/"vec16" store K transposed ([head_size, block_size]) for the dot products.
+KEY_LAYOUT_TRANSPOSED = "transposed"
+KEY_LAYOUT_ROWS = "rows"
+
+
+def gather_scores(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    key_layout: str,
+    scale: float,
+) -> torch.Tensor:
+    """Scores of every decode query against its sequence's blocks.
+
+    query: [B, H, d]; key_cache: [num_blocks, H_kv, block_size, d] (a view of
+    the CPU cache); block_table: [B, nb]. Returns [B, H_kv, G, nb * block_size]
+    in float32 (positions past a sequence's length are garbage; mask them).
+    """
+    B, H, d = query.shape
+    _, H_kv, bs, _ = key_cache.shape
+    nb = block_table.shape[1]
+    q = query.float().view(B, H_kv, H // H_kv, d)
+    k_blocks = key_cache[block_table]  # [B, nb, H_kv, bs, d]: K read in full
+    if key_layout == KEY_LAYOUT_TRANSPOSED:
+        k_blocks = k_blocks.view(B, nb, H_kv, d, bs)
+        scores = torch.einsum("bhgd,bnhdt->bhgnt", q, k_blocks.float())
+    else:
+        scores = torch.einsum("bhgd,bnhtd->bhgnt", q, k_blocks.float())
+    return scores.reshape(B, H_kv, H // H_kv, nb * bs).mul_(scale)
+
+
+def topt_decode_paged(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    theta: torch.Tensor | None,
+    rule: ToptRule,
+    scale: float,
+    key_layout: str = KEY_LAYOUT_TRANSPOSED,
+    v_block_sums: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
+) -> tuple[torch.Tensor, DensityCounts]:
+    """Top-θ attention for B decode queries (one per sequence).
+
+    theta: [B, H] thresholds for each sequence's length (None when dense).
+    v_block_sums: [num_blocks, H_kv, d] float32, needed for VMC.
+    Returns the output [B, H, d] (query dtype) and the density counts.
+    """
+    B, H, d = query.shape
+    _, H_kv, bs, _ = value_cache.shape
+    G = H // H_kv
+    seq_lens = seq_lens.long()
+    nb = int((int(seq_lens.max()) + bs - 1) // bs)
+    table = block_table[:, :nb].long()
+
+    scores = gather_scores(query, key_cache, table, key_layout, scale)
+    if logits_soft_cap:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    N = nb * bs
+    visible = (torch.arange(N) < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, N]
+    scores.masked_fill_(~visible, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    e = torch.exp(scores - m)
+    S = e.sum(dim=-1, keepdim=True)
+
+    sparse = not rule.dense and theta is not None
+    if sparse:
+        th = theta.float().view(B, H_kv, G, 1)
+        keep = (e / S > th) if rule.placement == "post-softmax" else (scores > th)
+        short = (seq_lens <= rule.k)[:, None, None, None]  # n <= k: never sparsified
+        keep = (keep | short) & visible
+    else:
+        keep = visible.expand(B, H_kv, G, N)
+
+    weights = _kept_weights(e, S, m, keep, visible, th if sparse else None, rule, sparse)
+
+    out = _weighted_v_sum(weights, keep, value_cache, table, B, H_kv, G, nb, bs, d)
+    if sparse and rule.vmc:
+        if v_block_sums is None:
+            raise ValueError("VMC needs per-block V sums (v_block_sums)")
+        out += (1.0 - weights.sum(dim=-1, keepdim=True)) * _v_mean(v_block_sums, table, seq_lens, bs)[:, :, None]
+    counts = _density_counts(keep, seq_lens, B, H_kv, G, nb, bs)
+    return out.reshape(B, H, d).to(query.dtype), counts
+
+
+def _kept_weights(e, S, m, keep, visible, th, rule: ToptRule, sparse: bool) -> torch.Tensor:
+    """SPEC §4, batched: weights of kept elements, 0 elsewhere."""
+    zeros = torch.zeros((), dtype=e.dtype)
+    if not sparse or rule.placement == "post-softmax":
+        return torch.where(keep, e / S, zeros)
+    e_kept = torch.where(keep, e, zeros)
+    S_K = e_kept.sum(dim=-1, keepdim=True)
+    if rule.sdc == "exact":
+        D = S - S_K
+    elif rule.sdc == "exp-threshold":
+        dropped = (visible & ~keep).sum(dim=-1, keepdim=True).to(e.dtype)
+        D = dropped * torch.exp(th - m)
+    else:
+        D = torch.zeros_like(S_K)
+    return e_kept / (S_K + D).clamp(min=torch.finfo(e.dtype).tiny)
+
+
+def _weighted_v_sum(weights, keep, value_cache, table, B, H_kv, G, nb, bs, d) -> torch.Tensor:
+    """Σ_j w_j v_j reading only V blocks with a kept row (GQA union)."""
+    blocks_needed = keep.view(B, H_kv, G, nb, bs).any(dim=4).any(dim=2)  # [B, H_kv, nb]
+    b, h, j = blocks_needed.nonzero(as_tuple=True)
+    v_sel = value_cache[table[b, j], h]  # [M, bs, d]: the only V reads
+    w_sel = weights.view(B, H_kv, G, nb, bs)[b, h, :, j]  # [M, G, bs]
+    contrib = torch.bmm(w_sel, v_sel.float())  # [M, G, d]
+    out = torch.zeros(B * H_kv, G, d, dtype=torch.float32)
+    out.index_add_(0, b * H_kv + h, contrib)
+    return out.view(B, H_kv, G, d)
+
+
+def _v_mean(v_block_sums, table, seq_lens, bs) -> torch.Tensor:
+    """mean(v_1..v_n) per (sequence, KV head) from per-block sums: O(blocks · d)."""
+    nb = table.shape[1]
+    used = (torch.arange(nb) * bs < seq_lens[:, None]).float()  # [B, nb]
+    sums = (v_block_sums[table] * used[:, :, None, None]).sum(dim=1)  # [B, H_kv, d]
+    return sums / seq_lens[:, None, None].float()
+
+
+def _density_counts(keep, seq_lens, B, H_kv, G, nb, bs) -> DensityCounts:
+    rows_needed = keep.any(dim=2)  # [B, H_kv, N]: GQA union
+    blocks_needed = rows_needed.view(B, H_kv, nb, bs).any(dim=3)
+    n_total = int(seq_lens.sum())
+    blocks_visible = int(((seq_lens + bs - 1) // bs).sum())
+    return DensityCounts(
+        rows=B,
+        elements_visible=n_total * H_kv * G,
+        elements_kept=int(keep.sum()),
+        v_rows_visible=n_total * H_kv,
+        v_rows_read=int(rows_needed.sum()),
+        v_blocks_visible=blocks_visible * H_kv,
+        v_blocks_read=int(blocks_needed.sum()),
+    )
+
+
+def update_v_block_sums(
+    v_block_sums: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, block_size: int
+) -> None:
+    """Keep Σ v per (block, KV head) as the cache is written.
+
+    A block is (re)filled from offset 0, so a write at offset 0 starts its sum
+    afresh; prefix-cached blocks are never rewritten and keep their sums.
+    """
+    n = slot_mapping.shape[0]
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, value = slots[valid], value[:n][valid]
+    blocks = slots // block_size
+    fresh = blocks[slots % block_size == 0]
+    v_block_sums[fresh] = 0.0
+    v_block_sums.index_add_(0, blocks, value[: slots.shape[0]].float())

@@ -1,0 +1,73 @@
+"""Run-time options, read from vLLM's `--additional-config '{"topt": {...}}'`."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vllm_topt.thresholds import (
+    ThresholdFile,
+    ThresholdFileError,
+    check_matches_model,
+    find_shipped_thresholds,
+    load_threshold_file,
+)
+
+
+class ToptOptions(BaseModel):
+    """Every key of the `topt` block (README, "Configuration")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thresholds: str | None = None
+    """Path of a threshold file; default: the shipped file matching the model."""
+    disable_sparsity: bool = False
+    """Run the TOPT code path keeping every element (A/B tests)."""
+    telemetry_interval_s: float = Field(default=10.0, ge=0.0)
+    """Seconds between telemetry log lines; 0 logs after every decode step."""
+    stats_file: str | None = None
+    """If set, each telemetry tick also writes the per-layer counters as JSON here."""
+
+
+class ToptConfigError(ValueError):
+    """The `topt` configuration cannot be used; the message says how to fix it."""
+
+
+def options_from_vllm_config(vllm_config) -> ToptOptions:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    block = extra.get("topt", {})
+    try:
+        return ToptOptions.model_validate(block)
+    except ValidationError as exc:
+        raise ToptConfigError(
+            f"invalid --additional-config 'topt' block {block!r}:\n{exc}\n"
+            f"Known keys: {', '.join(ToptOptions.model_fields)}."
+        ) from exc
+
+
+def resolve_thresholds(options: ToptOptions, hf_config, model_name: str) -> tuple[ThresholdFile, Path]:
+    """Load the threshold file for the served model, or explain how to get one."""
+    if options.thresholds:
+        path = Path(options.thresholds).expanduser()
+    else:
+        path = find_shipped_thresholds(hf_config)
+        if path is None:
+            raise ThresholdFileError(
+                f"TOPT has no shipped threshold file for model {model_name}. Calibrate one with "
+                f"`python -m calibration.calibrate --model {model_name} --out thresholds.json` and pass it "
+                "with --additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
+            )
+    thresholds = _load_cached(str(path.resolve()))
+    check_matches_model(thresholds, hf_config, path)
+    return thresholds, path
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str) -> ThresholdFile:
+    # Every attention layer resolves the same file; parse it once per process.
+    return load_threshold_file(path)

@@ -1,0 +1,82 @@
+"""vLLM general plugin: registers the TOPT attention backend.
+
+vLLM calls `register()` in every process (API server, engine core, workers),
+possibly more than once; every step here is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm_topt")
+
+BACKEND_NAME = "TOPT"
+CPU_BACKEND_PATH = "vllm_topt.backends.cpu.ToptCpuBackend"
+CUDA_BACKEND_PATH = "vllm_topt.backends.cuda.ToptCudaBackend"
+CPU_DEFAULT_BLOCK_SIZE = 32  # finer V-block skipping than CPU_ATTN's default 128
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import register_backend
+
+    on_cpu = current_platform.is_cpu()
+    register_backend(BACKEND_NAME, CPU_BACKEND_PATH if on_cpu else CUDA_BACKEND_PATH)
+    if on_cpu:
+        _teach_cpu_platform()
+    _registered = True
+
+
+def is_topt_selected(backend) -> bool:
+    return backend is not None and getattr(backend, "name", None) == BACKEND_NAME
+
+
+def _teach_cpu_platform() -> None:
+    """Make the CPU platform honour TOPT; it replaces other backends by CPU_ATTN."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    if getattr(CpuPlatform, "_topt_patched", False):
+        return
+    original_select = CpuPlatform.get_attn_backend_cls.__func__
+    original_check = CpuPlatform.check_and_update_config.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if not is_topt_selected(selected_backend):
+            return original_select(cls, selected_backend, attn_selector_config, num_heads)
+        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            raise NotImplementedError(
+                "TOPT supports multi-head / grouped-query attention models, not MLA or "
+                "natively sparse attention; drop --attention-backend topt for this model."
+            )
+        logger.info("Using TOPT (Top-θ) attention backend on CPU.")
+        return CPU_BACKEND_PATH
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original_check(cls, vllm_config)
+        if is_topt_selected(vllm_config.attention_config.backend):
+            _check_topt_config(vllm_config)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    CpuPlatform._topt_patched = True
+
+
+def _check_topt_config(vllm_config) -> None:
+    """Fail in the front-end process, before the engine starts, on a bad set-up."""
+    from vllm_topt.options import options_from_vllm_config, resolve_thresholds
+
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return
+    options = options_from_vllm_config(vllm_config)
+    thresholds, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
+    cache_config = vllm_config.cache_config
+    if not cache_config.user_specified_block_size:
+        cache_config.block_size = CPU_DEFAULT_BLOCK_SIZE
+    mode = "sparsity disabled" if options.disable_sparsity else f"k={thresholds.target_k}, {thresholds.placement}"
+    logger.info("TOPT thresholds: %s (%s, block size %d)", path, mode, cache_config.block_size)

@@ -1,0 +1,311 @@
+"""Threshold files: the versioned schema, loading, validation and lookup.
+
+A threshold file holds, for one model and one target k, a threshold per
+(layer, query head) on a grid of row lengths n (SPEC §2). Lookup between grid
+points is piecewise linear in ln(n); beyond the grid it follows the
+"loglog-slope" rule documented in `extrapolate` below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+PLACEMENTS = ("post-softmax", "pre-softmax")
+SDC_MODES = ("none", "exact", "exp-threshold")
+EXTRAPOLATION_RULE = "loglog-slope"
+# Fit the beyond-the-grid slope on grid points with n >= n_max / 2.
+EXTRAPOLATION_FIT_FRACTION = 0.5
+
+# Config keys that identify a model's attention geometry and weights layout.
+# Two models with the same values here share a fingerprint (e.g. fine-tunes of
+# one base); thresholds usually do not transfer between them, so the model
+# block also records the model's name for humans.
+FINGERPRINT_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rope_theta",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+
+class ThresholdFileError(ValueError):
+    """A threshold file cannot be used; the message names the file and the fix."""
+
+
+def _rope_theta(hf_config) -> float | None:
+    theta = getattr(hf_config, "rope_theta", None)
+    if theta is None:
+        params = getattr(hf_config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return None if theta is None else float(theta)
+
+
+def model_identity_values(hf_config) -> dict:
+    """The config values the fingerprint covers, read from a HF config."""
+    values = {}
+    for key in FINGERPRINT_KEYS:
+        if key == "rope_theta":
+            values[key] = _rope_theta(hf_config)
+        elif key == "head_dim":
+            head_dim = getattr(hf_config, "head_dim", None)
+            if head_dim is None:
+                head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+            values[key] = int(head_dim)
+        elif key == "num_key_value_heads":
+            values[key] = getattr(hf_config, key, None) or hf_config.num_attention_heads
+        else:
+            value = getattr(hf_config, key, None)
+            values[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return values
+
+
+def model_fingerprint(hf_config) -> str:
+    blob = json.dumps(model_identity_values(hf_config), sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ModelIdentity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    architecture: str
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_size: int = Field(gt=0)
+    fingerprint: str
+
+    @classmethod
+    def from_hf_config(cls, hf_config, name: str) -> "ModelIdentity":
+        values = model_identity_values(hf_config)
+        return cls(
+            name=name,
+            architecture=(values["architectures"] or ["unknown"])[0],
+            num_layers=values["num_hidden_layers"],
+            num_heads=values["num_attention_heads"],
+            num_kv_heads=values["num_key_value_heads"],
+            head_size=values["head_dim"],
+            fingerprint=model_fingerprint(hf_config),
+        )
+
+
+class Compensation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sdc: Literal["none", "exact", "exp-threshold"] = "none"
+    vmc: bool = True
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    data: str
+    num_sequences: int
+    max_seq_len: int
+    tool: str
+    date: str
+    topk_during_calibration: bool = True
+    aggregation: str = "mean+0.1*std"
+
+
+class ThresholdFile(BaseModel):
+    """Schema version 1 of a threshold file (see README, "Threshold files")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    model: ModelIdentity
+    target_k: int = Field(gt=0)
+    layer_k: dict[int, int] = Field(default_factory=dict)
+    dense_layers: list[int] = Field(default_factory=list)
+    placement: Literal["post-softmax", "pre-softmax"]
+    compensation: Compensation
+    extrapolation: Literal["loglog-slope"] = EXTRAPOLATION_RULE
+    n_grid: list[int]
+    # [layer][query head][grid point]; null for a dense layer.
+    thresholds: list[list[list[float]] | None]
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _check_shapes_and_values(self) -> "ThresholdFile":
+        m = self.model
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"unknown schema_version {self.schema_version}; this vllm-topt "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        if m.num_heads % m.num_kv_heads:
+            raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+        grid = self.n_grid
+        if len(grid) < 2 or any(b <= a for a, b in zip(grid, grid[1:])) or grid[0] < 1:
+            raise ValueError("n_grid must hold at least 2 strictly increasing positive lengths")
+        if len(self.thresholds) != m.num_layers:
+            raise ValueError(
+                f"thresholds has {len(self.thresholds)} layers, model.num_layers is {m.num_layers}"
+            )
+        for layer in list(self.layer_k) + self.dense_layers:
+            if not 0 <= layer < m.num_layers:
+                raise ValueError(f"layer index {layer} out of range 0..{m.num_layers - 1}")
+        if self.placement == "post-softmax" and self.compensation.sdc != "none":
+            raise ValueError("SDC applies to pre-softmax placement only; set compensation.sdc to 'none'")
+        for layer, per_head in enumerate(self.thresholds):
+            if per_head is None:
+                if layer not in self.dense_layers:
+                    raise ValueError(f"layer {layer} has no thresholds but is not in dense_layers")
+                continue
+            if len(per_head) != m.num_heads:
+                raise ValueError(
+                    f"layer {layer} has thresholds for {len(per_head)} heads, model.num_heads is {m.num_heads}"
+                )
+            for head, values in enumerate(per_head):
+                if len(values) != len(grid):
+                    raise ValueError(
+                        f"layer {layer} head {head}: {len(values)} values for {len(grid)} grid points"
+                    )
+                for value in values:
+                    if not math.isfinite(value):
+                        raise ValueError(f"layer {layer} head {head}: non-finite threshold {value}")
+                    if self.placement == "post-softmax" and not 0.0 < value <= 1.0:
+                        raise ValueError(
+                            f"layer {layer} head {head}: post-softmax threshold {value} is not a probability in (0, 1]"
+                        )
+        return self
+
+    def k_for_layer(self, layer: int) -> int:
+        return self.layer_k.get(layer, self.target_k)
+
+    def is_dense_layer(self, layer: int) -> bool:
+        return layer in self.dense_layers
+
+
+def load_threshold_file(path: str | Path) -> ThresholdFile:
+    """Parse and validate a threshold file; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ThresholdFileError(
+            f"TOPT threshold file {path} does not exist. Pass an existing file with "
+            "--additional-config '{\"topt\": {\"thresholds\": \"PATH\"}}' or create one "
+            "with `python -m calibration.calibrate`."
+        )
+    try:
+        raw = json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ThresholdFileError(f"TOPT threshold file {path} is not valid JSON: {exc}") from exc
+    if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise ThresholdFileError(
+            f"TOPT threshold file {path} has unknown schema_version {raw.get('schema_version')!r}; "
+            f"this vllm-topt reads version {SCHEMA_VERSION}. Upgrade vllm-topt or recalibrate."
+        )
+    try:
+        return ThresholdFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ThresholdFileError(
+            f"TOPT threshold file {path} is malformed:\n{exc}\nRecalibrate with `python -m calibration.calibrate`."
+        ) from exc
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in a threshold file")
+
+
+def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) -> None:
+    """Refuse thresholds calibrated for another model (start-up check)."""
+    served = ModelIdentity.from_hf_config(hf_config, name="served")
+    mine = thresholds.model
+    for field in ("num_layers", "num_heads", "num_kv_heads", "head_size"):
+        if getattr(mine, field) != getattr(served, field):
+            raise ThresholdFileError(
+                f"TOPT threshold file {path} was calibrated for {mine.name} with "
+                f"{field}={getattr(mine, field)}, but the served model has "
+                f"{field}={getattr(served, field)}. Use the thresholds of this model or "
+                "calibrate it with `python -m calibration.calibrate`."
+            )
+    if mine.fingerprint != served.fingerprint:
+        raise ThresholdFileError(
+            f"TOPT threshold file {path} was calibrated for {mine.name} (fingerprint "
+            f"{mine.fingerprint}), but the served model's config has fingerprint "
+            f"{served.fingerprint}. Use the thresholds of this model or calibrate it "
+            "with `python -m calibration.calibrate`."
+        )
+
+
+def shipped_config_files() -> list[Path]:
+    """Threshold files shipped with the package (wheel) or the checkout's configs/."""
+    here = Path(__file__).resolve().parent
+    dirs = [here / "configs", here.parent / "configs"]
+    return sorted(p for d in dirs if d.is_dir() for p in d.glob("*.json"))
+
+
+def find_shipped_thresholds(hf_config) -> Path | None:
+    """The shipped threshold file whose fingerprint matches the served model."""
+    fingerprint = model_fingerprint(hf_config)
+    for path in shipped_config_files():
+        try:
+            if json.loads(path.read_text())["model"]["fingerprint"] == fingerprint:
+                return path
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            continue
+    return None
+
+
+class LayerThresholds:
+    """One layer's thresholds as tensors, with vectorised lookup θ(n).
+
+    Values are interpolated piecewise linearly in ln(n), on ln θ for
+    post-softmax (probabilities span decades) and on θ for pre-softmax
+    (scores). Below the grid the first value holds. Beyond the grid the
+    "loglog-slope" rule continues the trend of the top octave of the grid:
+    the least-squares slope of the interpolated quantity against ln(n) over
+    grid points with n >= n_max/2, clamped so the threshold never loosens
+    beyond the grid (post: slope in [-1, 0], since the k-th largest
+    probability cannot fall faster than 1/n; pre: slope >= 0).
+    """
+
+    def __init__(self, n_grid: list[int], values: list[list[float]], placement: str):
+        self.placement = placement
+        self.log_n = torch.tensor([math.log(n) for n in n_grid], dtype=torch.float64)
+        table = torch.tensor(values, dtype=torch.float64)  # [H, G]
+        self.table = table.log() if placement == "post-softmax" else table
+        self.slope = self._fit_slope()
+
+    def _fit_slope(self) -> torch.Tensor:
+        cutoff = self.log_n[-1] + math.log(EXTRAPOLATION_FIT_FRACTION)
+        sel = self.log_n >= cutoff - 1e-12
+        if int(sel.sum()) < 2:
+            sel[-2:] = True
+        x = self.log_n[sel]
+        y = self.table[:, sel]
+        xc = x - x.mean()
+        slope = (y - y.mean(dim=1, keepdim=True)) @ xc / (xc @ xc)
+        if self.placement == "post-softmax":
+            return slope.clamp(min=-1.0, max=0.0)
+        return slope.clamp(min=0.0)
+
+    def lookup(self, n: torch.Tensor) -> torch.Tensor:
+        """θ for row lengths n ([R] ints) -> [R, H] float64."""
+        x = n.to(torch.float64).clamp(min=1).log()
+        grid = self.log_n
+        idx = torch.searchsorted(grid, x).clamp(1, len(grid) - 1)
+        x0, x1 = grid[idx - 1], grid[idx]
+        y0, y1 = self.table[:, idx - 1], self.table[:, idx]  # [H, R]
+        frac = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+        inside = y0 + (y1 - y0) * frac
+        beyond = self.table[:, -1:] + self.slope[:, None] * (x - grid[-1])
+        y = torch.where(x > grid[-1], beyond, inside).T
+        return y.exp() if self.placement == "post-softmax" else y
