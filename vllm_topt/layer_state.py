@@ -7,7 +7,6 @@ rank applies the thresholds of exactly those heads.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,8 @@ class ToptProcessConfig:
     stats_file: str | None
     _layers: dict[int, ToptLayerConfig] = field(default_factory=dict)
 
+    first_layer: int = 0  # where once-per-step telemetry is counted
+
     @property
     def needs_v_block_sums(self) -> bool:
         return self.file.compensation.vmc and not self.options.disable_sparsity
@@ -66,12 +67,22 @@ class ToptProcessConfig:
         return ToptLayerConfig(rule, LayerThresholds(f.n_grid, values, f.placement))
 
 
+_cache: dict[tuple[int, int], ToptProcessConfig] = {}
+
+
 def build_layer_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:
-    return _process_config(id(vllm_config), vllm_config, num_local_heads)
+    """One shared config per (engine config, head count): every layer of a process reuses it."""
+    key = (id(vllm_config), num_local_heads)
+    if key not in _cache:
+        _cache[key] = _process_config(vllm_config, num_local_heads)
+    return _cache[key]
 
 
-@functools.lru_cache(maxsize=2)
-def _process_config(_key: int, vllm_config, num_local_heads: int) -> ToptProcessConfig:
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def _process_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     options = options_from_vllm_config(vllm_config)

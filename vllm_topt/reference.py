@@ -59,19 +59,19 @@ class DensityCounts:
 def keep_mask(scores: torch.Tensor, theta: torch.Tensor, rule: ToptRule) -> torch.Tensor:
     """SPEC §2-3: which of a row's n elements survive, per query head.
 
-    scores: [H, n] (scale and soft-cap already applied); theta: [H] for this n.
+    scores: [..., n] (scale and soft-cap already applied); theta: [...] for this n.
     """
     n = scores.shape[-1]
     if rule.dense or n <= rule.k:
         return torch.ones_like(scores, dtype=torch.bool)
     if rule.placement == "post-softmax":
         p = torch.softmax(scores, dim=-1)
-        return p > theta[:, None]
-    return scores > theta[:, None]
+        return p > theta[..., None]
+    return scores > theta[..., None]
 
 
 def kept_weights(scores: torch.Tensor, keep: torch.Tensor, theta: torch.Tensor, rule: ToptRule) -> torch.Tensor:
-    """SPEC §4: the weight of each kept element (0 for dropped ones), [H, n]."""
+    """SPEC §4: the weight of each kept element (0 for dropped ones), like scores [..., n]."""
     m = scores.max(dim=-1, keepdim=True).values
     e = torch.exp(scores - m)
     S = e.sum(dim=-1, keepdim=True)
@@ -83,8 +83,9 @@ def kept_weights(scores: torch.Tensor, keep: torch.Tensor, theta: torch.Tensor, 
     if rule.sdc == "exact":
         D = S - S_K
     elif rule.sdc == "exp-threshold":
-        dropped = (~keep).sum(dim=-1, keepdim=True).to(e.dtype)
-        D = dropped * torch.exp(theta[:, None].to(e.dtype) - m)
+        # Masked positions (score -inf) are not visible, so never "dropped".
+        dropped = (~keep & torch.isfinite(scores)).sum(dim=-1, keepdim=True).to(e.dtype)
+        D = dropped * torch.exp(theta[..., None].to(e.dtype) - m)
     else:
         D = torch.zeros_like(S_K)
     # An empty kept set with sdc="none" has nothing to normalise: weights 0.

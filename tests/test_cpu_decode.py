@@ -1,0 +1,162 @@
+"""The batched CPU decode path against the reference, on vLLM's real paged layout."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tests.paged import build_paged_batch
+from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged
+from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
+
+RULES = [
+    ToptRule("post-softmax", "none", True, k=8),
+    ToptRule("post-softmax", "none", False, k=8),
+    ToptRule("pre-softmax", "exact", True, k=8),
+    ToptRule("pre-softmax", "exact", False, k=8),
+    ToptRule("pre-softmax", "exp-threshold", True, k=8),
+    ToptRule("pre-softmax", "none", False, k=8),
+    ToptRule("pre-softmax", "none", True, k=8),
+    ToptRule("post-softmax", "none", True, k=8, dense=True),
+]
+
+# Ragged lengths around block edges (bs=32): n <= k, exactly one block, one
+# row past it, one short of two blocks, and a longer row.
+LENGTHS = [5, 8, 32, 33, 63, 150]
+
+
+def random_sequences(lengths, H_kv, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(n, H_kv, d, generator=gen) for n in lengths]
+    values = [torch.randn(n, H_kv, d, generator=gen) for n in lengths]
+    return keys, values
+
+
+def thresholds_for(query, keys, rule: ToptRule, scale: float, seed: int) -> torch.Tensor:
+    """Per (sequence, head) thresholds that keep a few to a few dozen elements."""
+    gen = torch.Generator().manual_seed(seed)
+    H = query.shape[1]
+    G = H // keys[0].shape[1]
+    theta = torch.empty(len(keys), H)
+    for i, k in enumerate(keys):
+        s = scale * torch.einsum("hd,nhd->hn", query[i].float(), k.float().repeat_interleave(G, dim=1))
+        domain = torch.softmax(s, dim=-1) if rule.placement == "post-softmax" else s
+        levels = 0.6 + 0.35 * torch.rand(H, generator=gen)
+        theta[i] = torch.stack([torch.quantile(domain[h], levels[h]) for h in range(H)])
+    return theta
+
+
+def run_both(query, batch, theta, rule, scale, block_size, soft_cap=None):
+    fast, fast_counts = topt_decode_paged(
+        query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
+        scale, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums, soft_cap,
+    )
+    ref_counts = DensityCounts()
+    refs = []
+    for i in range(query.shape[0]):
+        out, counts = topt_attention_reference(
+            query[i], batch.keys[i], batch.values[i], theta[i], rule, scale, block_size, soft_cap
+        )
+        refs.append(out)
+        ref_counts.add(counts)
+    return fast, fast_counts, torch.stack(refs), ref_counts
+
+
+def assert_counts_close(fast: DensityCounts, ref: DensityCounts, slack: int = 2):
+    assert fast.rows == ref.rows
+    assert fast.elements_visible == ref.elements_visible
+    assert fast.v_rows_visible == ref.v_rows_visible
+    assert fast.v_blocks_visible == ref.v_blocks_visible
+    # Float rounding may flip an element sitting exactly on its threshold.
+    assert abs(fast.elements_kept - ref.elements_kept) <= slack
+    assert abs(fast.v_rows_read - ref.v_rows_read) <= slack
+    assert abs(fast.v_blocks_read - ref.v_blocks_read) <= slack
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}")
+@pytest.mark.parametrize("H,H_kv", [(8, 2), (4, 4), (9, 3)])
+def test_matches_reference_random(rule, H, H_kv):
+    d, bs, scale = 64, 32, 0.125 * 3
+    keys, values = random_sequences(LENGTHS, H_kv, d, seed=H * 10 + H_kv)
+    query = torch.randn(len(LENGTHS), H, d, generator=torch.Generator().manual_seed(1))
+    batch = build_paged_batch(keys, values, bs)
+    theta = thresholds_for(query, batch.keys, rule, scale, seed=2)
+    fast, fc, ref, rc = run_both(query, batch, theta, rule, scale, bs)
+    assert_counts_close(fc, rc)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+    if not rule.dense:
+        assert fc.elements_kept < fc.elements_visible  # the rule really dropped elements
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+def test_block_sizes_and_soft_cap(block_size):
+    rule = ToptRule("post-softmax", "none", True, k=16)
+    lengths = [block_size - 1, block_size, block_size + 1, 3 * block_size + 7]
+    keys, values = random_sequences(lengths, 2, 64, seed=block_size)
+    query = torch.randn(len(lengths), 6, 64, generator=torch.Generator().manual_seed(3)) * 3
+    batch = build_paged_batch(keys, values, block_size)
+    theta = thresholds_for(query, batch.keys, rule, 0.125, seed=4)
+    fast, fc, ref, rc = run_both(query, batch, theta, rule, 0.125, block_size, soft_cap=5.0)
+    assert_counts_close(fc, rc)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_short_rows_are_dense():
+    """n <= k: every element kept, output equals dense attention."""
+    rule = ToptRule("post-softmax", "none", True, k=64)
+    keys, values = random_sequences([10, 64], 2, 64, seed=5)
+    query = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(6))
+    batch = build_paged_batch(keys, values, 32)
+    theta = torch.full((2, 4), 0.5)  # would drop nearly everything if applied
+    fast, counts = topt_decode_paged(
+        query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
+        0.125, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums,
+    )
+    assert counts.elements_kept == counts.elements_visible
+    for i, (k, v) in enumerate(zip(keys, values)):
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            query[i][:, None], k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
+            scale=0.125,
+        )[:, 0]
+        torch.testing.assert_close(fast[i], dense, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_cache():
+    rule = ToptRule("pre-softmax", "exact", True, k=8)
+    keys, values = random_sequences([40, 97], 2, 64, seed=7)
+    query = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    batch = build_paged_batch(keys, values, 32, dtype=torch.bfloat16)
+    theta = thresholds_for(query, batch.keys, rule, 0.125, seed=9)
+    fast, fc, ref, rc = run_both(query, batch, theta, rule, 0.125, 32)
+    assert_counts_close(fc, rc, slack=4)
+    torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_skipped_blocks_are_not_read():
+    """Poison every V block the keep-set does not need: the output must not change."""
+    rule = ToptRule("post-softmax", "none", True, k=4)
+    n, bs = 256, 32
+    keys, values = random_sequences([n], 1, 64, seed=10)
+    # One strong key in block 2 dominates; everything else is far below θ.
+    query = keys[0][70, 0][None, None, :] * 4
+    batch = build_paged_batch(keys, values, bs)
+    theta = torch.full((1, 1), 1e-3)
+    out, counts = topt_decode_paged(
+        query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
+        0.125, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums,
+    )
+    assert counts.v_blocks_read < counts.v_blocks_visible
+    needed_block = int(batch.block_table[0, 70 // bs])
+    poisoned = batch.value_cache.clone()
+    mask = torch.ones(poisoned.shape[0], dtype=torch.bool)
+    mask[needed_block] = False
+    batch.value_cache[mask] = float("nan")
+    out2, _ = topt_decode_paged(
+        query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
+        0.125, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums,
+    )
+    torch.testing.assert_close(out, out2)
+    batch.value_cache.copy_(poisoned)

@@ -1,0 +1,156 @@
+"""The real OpenAI-compatible server with `--attention-backend topt`, and start-up refusals."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.engine_run import DEFAULT_MODEL, ROOT
+from tests.test_thresholds import valid_file_dict
+
+START_TIMEOUT_S = 400
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--served-model-name", "default",
+        "--attention-backend", "topt", "--dtype", "float32",
+        "--max-model-len", "4096", "--max-num-seqs", "8", "--enforce-eager",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    if topt is not None:
+        cmd += ["--additional-config", json.dumps({"topt": topt})]
+    return cmd
+
+
+def server_env() -> dict:
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            server_command(port, {"telemetry_interval_s": 1}), cwd=ROOT, env=server_env(),
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "server did not start:\n" + log_path.read_text()[-4000:]
+            time.sleep(2)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def complete(base: str, prompt: str, max_tokens: int = 40) -> str:
+    r = requests.post(
+        f"{base}/v1/completions",
+        json={"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        timeout=300,
+    )
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
+def test_completions(server):
+    base, _ = server
+    assert "Paris" in complete(base, "The capital of France is")
+
+
+def test_chat_completions(server):
+    base, _ = server
+    r = requests.post(
+        f"{base}/v1/chat/completions",
+        json={
+            "model": "default", "temperature": 0, "max_tokens": 40,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        },
+        timeout=300,
+    )
+    r.raise_for_status()
+    assert "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_concurrent_requests_and_telemetry_line(server):
+    base, log_path = server
+    essay = " ".join(["The city council met on Tuesday to discuss the new budget for parks and libraries."] * 30)
+    prompts = [f"{essay}\nQuestion {i}: what did the council discuss?\nAnswer:" for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        texts = list(pool.map(lambda p: complete(base, p, 64), prompts))
+    assert all(t.strip() for t in texts)
+    time.sleep(2)
+    lines = [l for l in log_path.read_text().splitlines() if "topt: decode kept" in l]
+    assert lines, "no telemetry line in the server log"
+    kept = float(lines[-1].split("decode kept ")[1].split("%")[0])
+    assert kept < 50.0, lines[-1]
+
+
+def start_and_expect_refusal(topt: dict, expected: str, model: Path = DEFAULT_MODEL) -> str:
+    proc = subprocess.run(
+        server_command(free_port(), topt, model), cwd=ROOT, env=server_env(),
+        capture_output=True, text=True, timeout=START_TIMEOUT_S,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert expected in output, output[-3000:]
+    return output
+
+
+def test_refuses_thresholds_of_another_model(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(valid_file_dict()))
+    out = start_and_expect_refusal({"thresholds": str(path)}, "was calibrated for tiny")
+    assert str(path) in out
+
+
+def test_refuses_missing_threshold_file(tmp_path):
+    start_and_expect_refusal({"thresholds": str(tmp_path / "nope.json")}, "does not exist")
+
+
+def test_refuses_unknown_topt_key():
+    start_and_expect_refusal({"treshold": "x"}, "Known keys: thresholds")
+
+
+def test_refuses_model_without_shipped_thresholds(tmp_path):
+    # The default model's config with another vocabulary size: a different model.
+    model = tmp_path / "other-model"
+    model.mkdir()
+    for f in DEFAULT_MODEL.iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5)
+    config["max_position_embeddings"] = 4096
+    (model / "config.json").write_text(json.dumps(config))
+    start_and_expect_refusal({}, "no shipped threshold file", model=model)

@@ -1,0 +1,184 @@
+"""Threshold files: schema checks, clear errors, lookup, shipped files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_topt.options import ToptConfigError, ToptOptions, options_from_vllm_config, resolve_thresholds
+from vllm_topt.thresholds import (
+    LayerThresholds,
+    ThresholdFileError,
+    check_matches_model,
+    find_shipped_thresholds,
+    load_threshold_file,
+    model_fingerprint,
+    shipped_config_files,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def fake_hf_config(**overrides):
+    values = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
+    )
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def valid_file_dict(hf_config=None) -> dict:
+    hf_config = hf_config or fake_hf_config()
+    grid = [33, 64, 128, 256]
+    return {
+        "schema_version": 1,
+        "model": {
+            "name": "tiny", "architecture": "LlamaForCausalLM", "num_layers": 2, "num_heads": 4,
+            "num_kv_heads": 2, "head_size": 32, "fingerprint": model_fingerprint(hf_config),
+        },
+        "target_k": 32,
+        "layer_k": {"1": 48},
+        "dense_layers": [],
+        "placement": "post-softmax",
+        "compensation": {"sdc": "none", "vmc": True},
+        "n_grid": grid,
+        "thresholds": [[[2.0 / n * (h + 1) / 4 for n in grid] for h in range(4)] for _ in range(2)],
+        "provenance": {
+            "data": "unit test", "num_sequences": 1, "max_seq_len": 256, "tool": "test", "date": "2026-11-28",
+        },
+    }
+
+
+def write(tmp_path, content, name="t.json") -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def test_valid_file_loads(tmp_path):
+    f = load_threshold_file(write(tmp_path, valid_file_dict()))
+    assert f.k_for_layer(0) == 32 and f.k_for_layer(1) == 48
+    check_matches_model(f, fake_hf_config(), "t.json")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(schema_version=7), "unknown schema_version 7"),
+        (lambda d: d["thresholds"][0][1].pop(), "layer 0 head 1: 3 values for 4 grid points"),
+        (lambda d: d["thresholds"][1].pop(), "layer 1 has thresholds for 3 heads"),
+        (lambda d: d.pop("placement"), "placement"),
+        (lambda d: d.update(placement="mid-softmax"), "placement"),
+        (lambda d: d["thresholds"][0][0].__setitem__(0, 1.5), "not a probability"),
+        (lambda d: d.update(n_grid=[64, 33, 128, 256]), "strictly increasing"),
+        (lambda d: d.update(unknown_key=1), "unknown_key"),
+        (lambda d: d["compensation"].update(sdc="exact"), "SDC applies to pre-softmax"),
+        (lambda d: d["thresholds"].__setitem__(1, None), "layer 1 has no thresholds but is not in dense_layers"),
+    ],
+)
+def test_malformed_files_name_file_and_problem(tmp_path, mutate, message):
+    d = valid_file_dict()
+    mutate(d)
+    path = write(tmp_path, d)
+    with pytest.raises(ThresholdFileError) as exc:
+        load_threshold_file(path)
+    assert str(path) in str(exc.value)
+    assert message in str(exc.value)
+
+
+def test_nan_is_rejected(tmp_path):
+    text = json.dumps(valid_file_dict()).replace("0.015151515151515152", "NaN", 1)
+    assert "NaN" in text
+    with pytest.raises(ThresholdFileError, match="NaN is not allowed"):
+        load_threshold_file(write(tmp_path, text))
+
+
+def test_invalid_json_and_missing_file(tmp_path):
+    with pytest.raises(ThresholdFileError, match="is not valid JSON"):
+        load_threshold_file(write(tmp_path, "{not json"))
+    with pytest.raises(ThresholdFileError, match="does not exist"):
+        load_threshold_file(tmp_path / "absent.json")
+
+
+def test_wrong_model_is_refused(tmp_path):
+    f = load_threshold_file(write(tmp_path, valid_file_dict()))
+    with pytest.raises(ThresholdFileError, match="num_heads=4, but the served model has num_heads=8"):
+        check_matches_model(f, fake_hf_config(num_attention_heads=8, hidden_size=256), "t.json")
+    with pytest.raises(ThresholdFileError, match="fingerprint"):
+        check_matches_model(f, fake_hf_config(vocab_size=999), "t.json")
+
+
+def test_options_reject_unknown_keys():
+    cfg = SimpleNamespace(additional_config={"topt": {"threshold": "x.json"}})
+    with pytest.raises(ToptConfigError, match="Known keys: thresholds"):
+        options_from_vllm_config(cfg)
+    assert options_from_vllm_config(SimpleNamespace(additional_config={})) == ToptOptions()
+
+
+def test_no_shipped_file_for_unknown_model_says_how_to_calibrate():
+    with pytest.raises(ThresholdFileError, match="calibration.calibrate"):
+        resolve_thresholds(ToptOptions(), fake_hf_config(vocab_size=12345), "some/model")
+
+
+def lookup_by_hand(grid, values, n, placement):
+    """Plain-Python version of the documented rule, for one head."""
+    xs = [math.log(g) for g in grid]
+    ys = [math.log(v) for v in values] if placement == "post-softmax" else list(values)
+    x = math.log(n)
+    if x <= xs[0]:
+        y = ys[0]
+    elif x <= xs[-1]:
+        i = next(i for i in range(1, len(xs)) if x <= xs[i])
+        y = ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    else:
+        fit = [(a, b) for a, b in zip(xs, ys) if a >= xs[-1] + math.log(0.5) - 1e-12]
+        mx = sum(a for a, _ in fit) / len(fit)
+        my = sum(b for _, b in fit) / len(fit)
+        slope = sum((a - mx) * (b - my) for a, b in fit) / sum((a - mx) ** 2 for a, _ in fit)
+        slope = min(max(slope, -1.0), 0.0) if placement == "post-softmax" else max(slope, 0.0)
+        y = ys[-1] + slope * (x - xs[-1])
+    return math.exp(y) if placement == "post-softmax" else y
+
+
+@pytest.mark.parametrize("placement", ["post-softmax", "pre-softmax"])
+def test_lookup_interpolates_and_extrapolates(placement):
+    grid = [33, 50, 100, 200, 400]
+    if placement == "post-softmax":
+        values = [[0.9 / n**0.7 for n in grid], [3.0 / n**1.4 for n in grid]]  # second: slope clamps at -1
+    else:
+        values = [[2.0 + 0.5 * math.log(n) for n in grid], [5.0 - 0.1 * math.log(n) for n in grid]]  # clamps at 0
+    table = LayerThresholds(grid, values, placement)
+    ns = [1, 20, 33, 40, 77, 200, 399, 400, 800, 3200, 100_000]
+    got = table.lookup(torch.tensor(ns))
+    for i, n in enumerate(ns):
+        for h in range(2):
+            assert got[i, h].item() == pytest.approx(lookup_by_hand(grid, values[h], n, placement), rel=1e-9)
+    # Beyond the grid the threshold keeps tightening (post: falls like n^-0.7, not clamped).
+    if placement == "post-softmax":
+        assert got[-1, 0] < got[7, 0] * (400 / 100_000) ** 0.69
+
+
+def test_shipped_files_are_valid():
+    files = shipped_config_files()
+    assert files, "configs/ must ship at least one threshold file"
+    for path in files:
+        f = load_threshold_file(path)
+        assert f.provenance.num_sequences > 0
+
+
+def test_default_model_has_shipped_thresholds():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    path = find_shipped_thresholds(config)
+    assert path is not None and "smollm2" in path.name
+    f, resolved = resolve_thresholds(ToptOptions(), config, str(DEFAULT_MODEL))
+    assert resolved == path and f.model.num_heads == 9
