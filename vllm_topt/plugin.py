@@ -6,9 +6,10 @@ possibly more than once; every step here is idempotent.
 
 from __future__ import annotations
 
-import logging
+from vllm_topt.log import get_logger
 
-logger = logging.getLogger("vllm_topt")
+
+logger = get_logger()
 
 BACKEND_NAME = "TOPT"
 CPU_BACKEND_PATH = "vllm_topt.backends.cpu.ToptCpuBackend"
@@ -23,13 +24,35 @@ def register() -> None:
     if _registered:
         return
     from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import register_backend
 
-    on_cpu = current_platform.is_cpu()
-    register_backend(BACKEND_NAME, CPU_BACKEND_PATH if on_cpu else CUDA_BACKEND_PATH)
-    if on_cpu:
+    topt_backend_member()
+    if current_platform.is_cpu():
         _teach_cpu_platform()
     _registered = True
+
+
+def _backend_path() -> str:
+    from vllm.platforms import current_platform
+
+    return CPU_BACKEND_PATH if current_platform.is_cpu() else CUDA_BACKEND_PATH
+
+
+def topt_backend_member():
+    """The `AttentionBackendEnum.TOPT` member, created in this process if needed."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    member = AttentionBackendEnum._member_map_.get(BACKEND_NAME)
+    if member is None:
+        member = AttentionBackendEnum.register(BACKEND_NAME, _backend_path())
+        # Spawned engine processes unpickle the config before they load
+        # plugins, so a by-value lookup of this run-time member would fail
+        # there; pickle it as a call that registers it on arrival instead.
+        member.__reduce_ex__ = _reduce_topt_member
+    return member
+
+
+def _reduce_topt_member(protocol):
+    return (topt_backend_member, ())
 
 
 def is_topt_selected(backend) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +31,10 @@ from vllm_topt.cpu_decode import (
     topt_decode_paged,
     update_v_block_sums,
 )
+from vllm_topt.log import get_logger
 from vllm_topt.layer_state import ToptLayerConfig, build_layer_config
 
-logger = logging.getLogger("vllm_topt")
+logger = get_logger()
 
 
 class ToptCpuBackend(CPUAttentionBackend):
