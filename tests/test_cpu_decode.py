@@ -74,6 +74,9 @@ def assert_counts_close(fast: DensityCounts, ref: DensityCounts, slack: int = 2)
     assert abs(fast.elements_kept - ref.elements_kept) <= slack
     assert abs(fast.v_rows_read - ref.v_rows_read) <= slack
     assert abs(fast.v_blocks_read - ref.v_blocks_read) <= slack
+    assert fast.thresholded_rows == ref.thresholded_rows
+    assert fast.thresholded_target == ref.thresholded_target
+    assert abs(fast.thresholded_kept - ref.thresholded_kept) <= slack
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}")

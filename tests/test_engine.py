@@ -120,4 +120,4 @@ def test_sparse_answers_stay_sensible(dense, topt_sparse):
     for i in (2, 3):
         sparse_ids, dense_ids = topt_sparse["token_ids"][i], set(dense["token_ids"][i])
         overlap = sum(t in dense_ids for t in sparse_ids) / len(sparse_ids)
-        assert overlap >= 0.4, (topt_sparse["texts"][i], dense["texts"][i])
+        assert overlap >= 0.3, (topt_sparse["texts"][i], dense["texts"][i])

@@ -35,14 +35,16 @@ def gather_scores(
     B, H, d = query.shape
     _, H_kv, bs, _ = key_cache.shape
     nb = block_table.shape[1]
-    q = query.float().view(B, H_kv, H // H_kv, d)
-    k_blocks = key_cache[block_table]  # [B, nb, H_kv, bs, d]: K read in full
+    G = H // H_kv
+    q = query.float().view(B, H_kv, 1, G, d)
+    # One gather of the sequence's K blocks, per KV head: [B, H_kv, nb, bs, d].
+    k_blocks = key_cache[block_table[:, None, :], torch.arange(H_kv)[None, :, None]].float()
     if key_layout == KEY_LAYOUT_TRANSPOSED:
-        k_blocks = k_blocks.view(B, nb, H_kv, d, bs)
-        scores = torch.einsum("bhgd,bnhdt->bhgnt", q, k_blocks.float())
+        k_blocks = k_blocks.view(B, H_kv, nb, d, bs)  # each block is stored as [d, bs]
     else:
-        scores = torch.einsum("bhgd,bnhtd->bhgnt", q, k_blocks.float())
-    return scores.reshape(B, H_kv, H // H_kv, nb * bs).mul_(scale)
+        k_blocks = k_blocks.transpose(-1, -2)
+    scores = torch.matmul(q, k_blocks)  # [B, H_kv, nb, G, bs], K read once
+    return scores.transpose(2, 3).reshape(B, H_kv, G, nb * bs).mul_(scale)
 
 
 def topt_decode_paged(
@@ -98,6 +100,11 @@ def topt_decode_paged(
             raise ValueError("VMC needs per-block V sums (v_block_sums)")
         out += (1.0 - weights.sum(dim=-1, keepdim=True)) * _v_mean(v_block_sums, table, seq_lens, bs)[:, :, None]
     counts = _density_counts(keep, seq_lens, B, H_kv, G, nb, bs)
+    if sparse:
+        long_rows = seq_lens > rule.k
+        counts.thresholded_rows = int(long_rows.sum()) * H
+        counts.thresholded_kept = int(keep[long_rows].sum())
+        counts.thresholded_target = counts.thresholded_rows * rule.k
     return out.reshape(B, H, d).to(query.dtype), counts
 
 

@@ -34,6 +34,11 @@ class DensityCounts:
     v_rows_read: int = 0
     v_blocks_visible: int = 0
     v_blocks_read: int = 0
+    # Query-head rows the threshold applied to (n > k, layer not dense), the
+    # elements they kept, and their target (k per row): kept/k = kept / target.
+    thresholded_rows: int = 0
+    thresholded_kept: int = 0
+    thresholded_target: int = 0
 
     def add(self, other: "DensityCounts") -> "DensityCounts":
         for f in fields(self):
@@ -54,6 +59,10 @@ class DensityCounts:
     @property
     def v_block_density(self) -> float:
         return self.v_blocks_read / max(self.v_blocks_visible, 1)
+
+    @property
+    def kept_over_k(self) -> float | None:
+        return self.thresholded_kept / self.thresholded_target if self.thresholded_target else None
 
 
 def keep_mask(scores: torch.Tensor, theta: torch.Tensor, rule: ToptRule) -> torch.Tensor:
@@ -133,6 +142,10 @@ def topt_attention_reference(
         keep_all[h] = keep[0]
 
     counts = DensityCounts(rows=1, elements_visible=H * n, elements_kept=int(keep_all.sum()))
+    if not rule.dense and n > rule.k:
+        counts.thresholded_rows = H
+        counts.thresholded_kept = counts.elements_kept
+        counts.thresholded_target = H * rule.k
     blocks_per_seq = math.ceil(n / block_size)
     block_of_row = torch.arange(n) // block_size
     for g in range(H_kv):

@@ -5,7 +5,8 @@ with `snapshot()` in that process, or from anywhere through the JSON file the
 `stats_file` option names; the server logs one summary line per
 `telemetry_interval_s`:
 
-    topt: decode kept 9.8% of attention elements, read 31.2% of V blocks (k=64, 1.2M rows)
+    topt: decode kept 5.4% of attention elements, read 8.4% of V rows and 53.7% of V blocks
+          (k=32, kept/k 0.91 on rows with n > k, 5.0k rows)
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def _human(count: int) -> str:
 def summary_line(per_layer: dict[int, DensityCounts] | None = None) -> str:
     t = total(per_layer)
     mode = "disable_sparsity" if _state["disabled"] else f"k={_state['target_k']}"
+    kept_over_k = "n/a" if t.kept_over_k is None else f"{t.kept_over_k:.2f}"
     return (
         f"topt: decode kept {100 * t.element_density:.1f}% of attention elements, "
         f"read {100 * t.v_row_density:.1f}% of V rows and {100 * t.v_block_density:.1f}% of V blocks "
-        f"({mode}, {_human(t.rows)} rows)"
+        f"({mode}, kept/k {kept_over_k} on rows with n > k, {_human(t.rows)} rows)"
     )
 
 
@@ -94,6 +96,7 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None) -> dict:
             "element_density": t.element_density,
             "v_row_density": t.v_row_density,
             "v_block_density": t.v_block_density,
+            "kept_over_k": t.kept_over_k,
         },
         "per_layer": {str(layer): c.as_dict() for layer, c in per_layer.items()},
         "batches": batch_counts(),
