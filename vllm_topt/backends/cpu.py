@@ -85,7 +85,10 @@ class ToptCpuMetadataBuilder(CPUAttentionMetadataBuilder):
         cam = common_attn_metadata
         full = super().build(common_prefix_len, cam, fast_build)
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cam, decode_threshold=1)
-        assert num_decode_tokens == num_decodes, "TOPT decode rows must have query length 1"
+        query_lens = cam.query_start_loc_cpu[1:] - cam.query_start_loc_cpu[:-1]
+        if num_decode_tokens != num_decodes or bool((query_lens[num_decodes:] == 1).any()):
+            # A decode row outside the front of the batch would run dense: refuse instead.
+            raise RuntimeError(f"TOPT expects decode requests first in the batch; query lengths {query_lens.tolist()}")
         if num_prefills == 0:
             prefill = None
         elif num_decodes == 0:
