@@ -9,12 +9,31 @@ each test module's engine start exactly once.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 RESULT_MARKER = "ENGINE_RESULT_JSON:"
+ENGINE_TIMEOUT_S = 600
+
+
+def run_engine(spec: dict, log_dir: Path, label: str, **env) -> dict:
+    """Run `main(spec)` in a fresh process; return its result plus the full log."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1", **env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.engine_run", json.dumps(spec)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S,
+    )
+    log = proc.stdout + proc.stderr
+    (log_dir / f"engine-{label}.log").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(RESULT_MARKER))
+    result = json.loads(line[len(RESULT_MARKER) :])
+    result["log"] = log
+    return result
 
 
 def main(spec: dict) -> dict:

@@ -39,7 +39,11 @@ class ToptProcessConfig:
     stats_file: str | None
     _layers: dict[int, ToptLayerConfig] = field(default_factory=dict)
 
-    first_layer: int = 0  # where once-per-step telemetry is counted
+    first_layer: int = 0  # where once-per-step batch kinds are counted
+
+    @property
+    def last_layer(self) -> int:  # where once-per-step telemetry is reported
+        return self.file.model.num_layers - 1
 
     @property
     def needs_v_block_sums(self) -> bool:

@@ -203,7 +203,8 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
         )
         output.view(out.shape).copy_(out)
         telemetry.record(self._layer_index, counts)
-        telemetry.maybe_report(self.topt.options.telemetry_interval_s, logger, self.topt.stats_file)
+        if self._layer_index == self.topt.last_layer:  # once per step, after every layer counted
+            telemetry.maybe_report(self.topt.options.telemetry_interval_s, logger, self.topt.stats_file)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
