@@ -161,6 +161,8 @@ def test_lookup_interpolates_and_extrapolates(placement):
     for i, n in enumerate(ns):
         for h in range(2):
             assert got[i, h].item() == pytest.approx(lookup_by_hand(grid, values[h], n, placement), rel=1e-9)
+    memo = table.lookup_memoised(torch.tensor(ns))
+    torch.testing.assert_close(memo, got.float())
     # Beyond the grid the threshold keeps tightening (post: falls like n^-0.7, not clamped).
     if placement == "post-softmax":
         assert got[-1, 0] < got[7, 0] * (400 / 100_000) ** 0.69

@@ -80,40 +80,40 @@ def topt_decode_paged(
     visible = (torch.arange(N) < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, N]
     scores.masked_fill_(~visible, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
-    e = torch.exp(scores - m)
+    e = torch.exp(scores - m)  # 0 past each sequence's length
     S = e.sum(dim=-1, keepdim=True)
 
     sparse = not rule.dense and theta is not None
+    short = seq_lens <= rule.k  # n <= k: never sparsified
     if sparse:
         th = theta.float().view(B, H_kv, G, 1)
-        keep = (e / S > th) if rule.placement == "post-softmax" else (scores > th)
-        short = (seq_lens <= rule.k)[:, None, None, None]  # n <= k: never sparsified
-        keep = (keep | short) & visible
+        p = e / S
+        # Invisible positions have p = 0 < θ and s = -inf, so they are never kept.
+        keep = (p > th) if rule.placement == "post-softmax" else (scores > th)
+        if bool(short.any()):
+            keep[short] = visible[short].expand(-1, H_kv, G, N)
+        if rule.placement == "post-softmax":
+            weights = p.masked_fill_(~keep, 0.0)  # kept elements keep their dense p
+        else:
+            weights = _pre_softmax_weights(e, S, m, keep, visible, th, rule)
     else:
         keep = visible.expand(B, H_kv, G, N)
+        weights = e.div_(S)
 
-    weights = _kept_weights(e, S, m, keep, visible, th if sparse else None, rule, sparse)
-
-    out = _weighted_v_sum(weights, keep, value_cache, table, B, H_kv, G, nb, bs, d)
+    rows_needed = keep.any(dim=2)  # [B, H_kv, N]: GQA union
+    blocks_needed = rows_needed.view(B, H_kv, nb, bs).any(dim=3)  # [B, H_kv, nb]
+    out = _weighted_v_sum(weights, blocks_needed, value_cache, table, G, bs, d)
     if sparse and rule.vmc:
         if v_block_sums is None:
             raise ValueError("VMC needs per-block V sums (v_block_sums)")
         out += (1.0 - weights.sum(dim=-1, keepdim=True)) * _v_mean(v_block_sums, table, seq_lens, bs)[:, :, None]
-    counts = _density_counts(keep, seq_lens, B, H_kv, G, nb, bs)
-    if sparse:
-        long_rows = seq_lens > rule.k
-        counts.thresholded_rows = int(long_rows.sum()) * H
-        counts.thresholded_kept = int(keep[long_rows].sum())
-        counts.thresholded_target = counts.thresholded_rows * rule.k
+    counts = _density_counts(keep, rows_needed, blocks_needed, seq_lens, short, sparse, rule.k, H, bs)
     return out.reshape(B, H, d).to(query.dtype), counts
 
 
-def _kept_weights(e, S, m, keep, visible, th, rule: ToptRule, sparse: bool) -> torch.Tensor:
-    """SPEC §4, batched: weights of kept elements, 0 elsewhere."""
-    zeros = torch.zeros((), dtype=e.dtype)
-    if not sparse or rule.placement == "post-softmax":
-        return torch.where(keep, e / S, zeros)
-    e_kept = torch.where(keep, e, zeros)
+def _pre_softmax_weights(e, S, m, keep, visible, th, rule: ToptRule) -> torch.Tensor:
+    """SPEC §4 for pre-softmax placement: kept exp-scores over S_K + D."""
+    e_kept = e.masked_fill(~keep, 0.0)
     S_K = e_kept.sum(dim=-1, keepdim=True)
     if rule.sdc == "exact":
         D = S - S_K
@@ -122,12 +122,12 @@ def _kept_weights(e, S, m, keep, visible, th, rule: ToptRule, sparse: bool) -> t
         D = dropped * torch.exp(th - m)
     else:
         D = torch.zeros_like(S_K)
-    return e_kept / (S_K + D).clamp(min=torch.finfo(e.dtype).tiny)
+    return e_kept.div_((S_K + D).clamp(min=torch.finfo(e.dtype).tiny))
 
 
-def _weighted_v_sum(weights, keep, value_cache, table, B, H_kv, G, nb, bs, d) -> torch.Tensor:
-    """Σ_j w_j v_j reading only V blocks with a kept row (GQA union)."""
-    blocks_needed = keep.view(B, H_kv, G, nb, bs).any(dim=4).any(dim=2)  # [B, H_kv, nb]
+def _weighted_v_sum(weights, blocks_needed, value_cache, table, G, bs, d) -> torch.Tensor:
+    """Σ_j w_j v_j reading only the V blocks marked needed."""
+    B, H_kv, nb = blocks_needed.shape
     b, h, j = blocks_needed.nonzero(as_tuple=True)
     v_sel = value_cache[table[b, j], h]  # [M, bs, d]: the only V reads
     w_sel = weights.view(B, H_kv, G, nb, bs)[b, h, :, j]  # [M, G, bs]
@@ -145,19 +145,25 @@ def _v_mean(v_block_sums, table, seq_lens, bs) -> torch.Tensor:
     return sums / seq_lens[:, None, None].float()
 
 
-def _density_counts(keep, seq_lens, B, H_kv, G, nb, bs) -> DensityCounts:
-    rows_needed = keep.any(dim=2)  # [B, H_kv, N]: GQA union
-    blocks_needed = rows_needed.view(B, H_kv, nb, bs).any(dim=3)
-    n_total = int(seq_lens.sum())
-    blocks_visible = int(((seq_lens + bs - 1) // bs).sum())
+def _density_counts(keep, rows_needed, blocks_needed, seq_lens, short, sparse, k, H, bs) -> DensityCounts:
+    H_kv = rows_needed.shape[1]
+    long_rows = ~short if sparse else torch.zeros_like(short)
+    # One host conversion for all sums.
+    kept, rows_read, blocks_read, n_total, blocks_visible, kept_long, n_long = torch.stack([
+        keep.sum(), rows_needed.sum(), blocks_needed.sum(), seq_lens.sum(),
+        ((seq_lens + bs - 1) // bs).sum(), keep[long_rows].sum(), long_rows.sum(),
+    ]).tolist()
     return DensityCounts(
-        rows=B,
-        elements_visible=n_total * H_kv * G,
-        elements_kept=int(keep.sum()),
+        rows=seq_lens.shape[0],
+        elements_visible=n_total * H,
+        elements_kept=kept,
         v_rows_visible=n_total * H_kv,
-        v_rows_read=int(rows_needed.sum()),
+        v_rows_read=rows_read,
         v_blocks_visible=blocks_visible * H_kv,
-        v_blocks_read=int(blocks_needed.sum()),
+        v_blocks_read=blocks_read,
+        thresholded_rows=n_long * H,
+        thresholded_kept=kept_long,
+        thresholded_target=n_long * H * k,
     )
 
 

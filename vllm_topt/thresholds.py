@@ -283,6 +283,7 @@ class LayerThresholds:
         table = torch.tensor(values, dtype=torch.float64)  # [H, G]
         self.table = table.log() if placement == "post-softmax" else table
         self.slope = self._fit_slope()
+        self._memo: torch.Tensor | None = None
 
     def _fit_slope(self) -> torch.Tensor:
         cutoff = self.log_n[-1] + math.log(EXTRAPOLATION_FIT_FRACTION)
@@ -296,6 +297,14 @@ class LayerThresholds:
         if self.placement == "post-softmax":
             return slope.clamp(min=-1.0, max=0.0)
         return slope.clamp(min=0.0)
+
+    def lookup_memoised(self, n: torch.Tensor) -> torch.Tensor:
+        """`lookup` as float32 from a per-length table, grown by doubling (the decode hot path)."""
+        n_max = int(n.max())
+        if self._memo is None or self._memo.shape[0] <= n_max:
+            size = 1 << max(n_max, 1023).bit_length()
+            self._memo = self.lookup(torch.arange(size)).float()
+        return self._memo[n.long()]
 
     def lookup(self, n: torch.Tensor) -> torch.Tensor:
         """θ for row lengths n ([R] ints) -> [R, H] float64."""

@@ -196,7 +196,7 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
             self._key_layout = probe_key_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
         cfg: ToptLayerConfig = self.topt.for_layer(self._layer_index)
         seq_lens = meta.topt_decode_seq_lens
-        theta = None if cfg.rule.dense else cfg.thresholds.lookup(seq_lens)
+        theta = None if cfg.rule.dense else cfg.thresholds.lookup_memoised(seq_lens)
         out, counts = topt_decode_paged(
             query, key_cache, value_cache, meta.topt_decode_block_table, seq_lens, theta, cfg.rule,
             self.scale, self._key_layout, self._v_block_sums, self.logits_soft_cap or None,
