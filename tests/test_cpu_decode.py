@@ -10,6 +10,7 @@ import torch
 
 from tests.paged import build_paged_batch
 from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged
+from vllm_topt.cpu_kernel import topt_decode_paged_cpp
 from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
 
 RULES = [
@@ -22,6 +23,15 @@ RULES = [
     ToptRule("pre-softmax", "none", True, k=8),
     ToptRule("post-softmax", "none", True, k=8, dense=True),
 ]
+
+# Both fast paths, vectorised torch and the C++ kernel, must match the reference.
+IMPLEMENTATIONS = {"torch": topt_decode_paged, "cpp": topt_decode_paged_cpp}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def decode(request):
+    return IMPLEMENTATIONS[request.param]
+
 
 # Ragged lengths around block edges (bs=32): n <= k, exactly one block, one
 # row past it, one short of two blocks, and a longer row.
@@ -49,8 +59,8 @@ def thresholds_for(query, keys, rule: ToptRule, scale: float, seed: int) -> torc
     return theta
 
 
-def run_both(query, batch, theta, rule, scale, block_size, soft_cap=None):
-    fast, fast_counts = topt_decode_paged(
+def run_both(decode, query, batch, theta, rule, scale, block_size, soft_cap=None):
+    fast, fast_counts = decode(
         query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
         scale, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums, soft_cap,
     )
@@ -81,13 +91,13 @@ def assert_counts_close(fast: DensityCounts, ref: DensityCounts, slack: int = 2)
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}")
 @pytest.mark.parametrize("H,H_kv", [(8, 2), (4, 4), (9, 3)])
-def test_matches_reference_random(rule, H, H_kv):
+def test_matches_reference_random(decode, rule, H, H_kv):
     d, bs, scale = 64, 32, 0.125 * 3
     keys, values = random_sequences(LENGTHS, H_kv, d, seed=H * 10 + H_kv)
     query = torch.randn(len(LENGTHS), H, d, generator=torch.Generator().manual_seed(1))
     batch = build_paged_batch(keys, values, bs)
     theta = thresholds_for(query, batch.keys, rule, scale, seed=2)
-    fast, fc, ref, rc = run_both(query, batch, theta, rule, scale, bs)
+    fast, fc, ref, rc = run_both(decode, query, batch, theta, rule, scale, bs)
     assert_counts_close(fc, rc)
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
     if not rule.dense:
@@ -95,26 +105,26 @@ def test_matches_reference_random(rule, H, H_kv):
 
 
 @pytest.mark.parametrize("block_size", [32, 64, 128])
-def test_block_sizes_and_soft_cap(block_size):
+def test_block_sizes_and_soft_cap(decode, block_size):
     rule = ToptRule("post-softmax", "none", True, k=16)
     lengths = [block_size - 1, block_size, block_size + 1, 3 * block_size + 7]
     keys, values = random_sequences(lengths, 2, 64, seed=block_size)
     query = torch.randn(len(lengths), 6, 64, generator=torch.Generator().manual_seed(3)) * 3
     batch = build_paged_batch(keys, values, block_size)
     theta = thresholds_for(query, batch.keys, rule, 0.125, seed=4)
-    fast, fc, ref, rc = run_both(query, batch, theta, rule, 0.125, block_size, soft_cap=5.0)
+    fast, fc, ref, rc = run_both(decode, query, batch, theta, rule, 0.125, block_size, soft_cap=5.0)
     assert_counts_close(fc, rc)
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
 
 
-def test_short_rows_are_dense():
+def test_short_rows_are_dense(decode):
     """n <= k: every element kept, output equals dense attention."""
     rule = ToptRule("post-softmax", "none", True, k=64)
     keys, values = random_sequences([10, 64], 2, 64, seed=5)
     query = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(6))
     batch = build_paged_batch(keys, values, 32)
     theta = torch.full((2, 4), 0.5)  # would drop nearly everything if applied
-    fast, counts = topt_decode_paged(
+    fast, counts = decode(
         query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
         0.125, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums,
     )
@@ -127,18 +137,18 @@ def test_short_rows_are_dense():
         torch.testing.assert_close(fast[i], dense, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_cache():
+def test_bf16_cache(decode):
     rule = ToptRule("pre-softmax", "exact", True, k=8)
     keys, values = random_sequences([40, 97], 2, 64, seed=7)
     query = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     batch = build_paged_batch(keys, values, 32, dtype=torch.bfloat16)
     theta = thresholds_for(query, batch.keys, rule, 0.125, seed=9)
-    fast, fc, ref, rc = run_both(query, batch, theta, rule, 0.125, 32)
+    fast, fc, ref, rc = run_both(decode, query, batch, theta, rule, 0.125, 32)
     assert_counts_close(fc, rc, slack=4)
     torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_skipped_blocks_are_not_read():
+def test_skipped_blocks_are_not_read(decode):
     """Poison every V block the keep-set does not need: the output must not change."""
     rule = ToptRule("post-softmax", "none", True, k=4)
     n, bs = 256, 32
@@ -147,7 +157,7 @@ def test_skipped_blocks_are_not_read():
     query = keys[0][70, 0][None, None, :] * 4
     batch = build_paged_batch(keys, values, bs)
     theta = torch.full((1, 1), 1e-3)
-    out, counts = topt_decode_paged(
+    out, counts = decode(
         query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
         0.125, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums,
     )
@@ -157,7 +167,7 @@ def test_skipped_blocks_are_not_read():
     mask = torch.ones(poisoned.shape[0], dtype=torch.bool)
     mask[needed_block] = False
     batch.value_cache[mask] = float("nan")
-    out2, _ = topt_decode_paged(
+    out2, _ = decode(
         query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule,
         0.125, KEY_LAYOUT_TRANSPOSED, batch.v_block_sums,
     )

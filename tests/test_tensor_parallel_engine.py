@@ -27,7 +27,11 @@ def runs(tmp_path_factory):
     results = {}
     for tp in (1, 3):
         stats = tmp / f"tp{tp}.json"
-        spec = dict(SPEC, topt={"stats_file": str(stats), "telemetry_interval_s": 0}, tensor_parallel_size=tp)
+        # The single-rank run uses the vectorised torch path, the sharded one the C++ kernel:
+        # the comparison also cross-checks the two implementations end to end.
+        kernel = "torch" if tp == 1 else "cpp"
+        topt = {"stats_file": str(stats), "telemetry_interval_s": 0, "cpu_kernel": kernel}
+        spec = dict(SPEC, topt=topt, tensor_parallel_size=tp)
         env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"} if tp > 1 else {}
         result = run_engine(spec, tmp, f"tp{tp}", **env)
         files = [stats] if tp == 1 else [tmp / f"tp{tp}.json.rank{r}" for r in range(tp)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +31,8 @@ class ToptOptions(BaseModel):
     """Seconds between telemetry log lines; 0 logs after every decode step."""
     stats_file: str | None = None
     """If set, each telemetry tick also writes the per-layer counters as JSON here."""
+    cpu_kernel: Literal["cpp", "torch"] = "cpp"
+    """CPU decode implementation: the C++ kernel (built at set-up) or vectorised torch."""
 
 
 class ToptConfigError(ValueError):

@@ -31,6 +31,7 @@ from vllm_topt.cpu_decode import (
     topt_decode_paged,
     update_v_block_sums,
 )
+from vllm_topt.cpu_kernel import load_extension, topt_decode_paged_cpp
 from vllm_topt.log import get_logger
 from vllm_topt.layer_state import ToptLayerConfig, build_layer_config
 
@@ -156,6 +157,7 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )
         self.topt = build_layer_config(get_current_vllm_config(), num_heads)
+        self._decode_impl = decode_implementation(self.topt.options.cpu_kernel)
         self._layer_index: int | None = None
         self._key_layout: str | None = None
         self._v_block_sums: torch.Tensor | None = None
@@ -197,7 +199,7 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
         cfg: ToptLayerConfig = self.topt.for_layer(self._layer_index)
         seq_lens = meta.topt_decode_seq_lens
         theta = None if cfg.rule.dense else cfg.thresholds.lookup_memoised(seq_lens)
-        out, counts = topt_decode_paged(
+        out, counts = self._decode_impl(
             query, key_cache, value_cache, meta.topt_decode_block_table, seq_lens, theta, cfg.rule,
             self.scale, self._key_layout, self._v_block_sums, self.logits_soft_cap or None,
         )
@@ -215,6 +217,21 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
         if sums is None or sums.shape[0] != num_blocks:
             sums = self._v_block_sums = torch.zeros(num_blocks, num_kv_heads, self.head_size, dtype=torch.float32)
         update_v_block_sums(sums, value, slot_mapping, block_size)
+
+
+def decode_implementation(name: str):
+    """The decode function for option `cpu_kernel`; the C++ kernel must load or TOPT stops."""
+    if name == "torch":
+        return topt_decode_paged
+    try:
+        load_extension()
+    except Exception as exc:  # a compiler error is not a reason to run something else silently
+        raise RuntimeError(
+            "TOPT could not build its C++ CPU kernel (needs g++ and ninja; `make setup` builds it ahead "
+            "of time). Fix the build, or choose the vectorised torch path with "
+            "--additional-config '{\"topt\": {\"cpu_kernel\": \"torch\"}}'."
+        ) from exc
+    return topt_decode_paged_cpp
 
 
 def layer_index_of(layer_name: str) -> int:
