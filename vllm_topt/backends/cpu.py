@@ -77,6 +77,17 @@ class ToptCpuMetadataBuilder(CPUAttentionMetadataBuilder):
     # Pull decode requests (query length 1) to the front of every batch.
     reorder_batch_threshold = 1
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Fail at engine start, not at the first decode, if TOPT cannot read this cache.
+        layout = probe_key_layout(self.isa, self.dtype, self.head_dim, self.block_size)
+        kernel = build_layer_config(vllm_config, self.num_heads).options.cpu_kernel
+        if kernel == "cpp" and layout != KEY_LAYOUT_TRANSPOSED:
+            raise NotImplementedError(
+                f"TOPT's C++ kernel reads the transposed K layout, but attention ISA {self.isa!r} stores K "
+                "rows; choose --additional-config '{\"topt\": {\"cpu_kernel\": \"torch\"}}'."
+            )
+
     def build(
         self,
         common_prefix_len: int,
