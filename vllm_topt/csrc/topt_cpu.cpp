@@ -48,6 +48,36 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Scores of G query heads against one K block stored [d][BS]. With BS known
+// at compile time the BS accumulators of a head stay in registers across the
+// d-loop. s[g * s_stride + t] receives q_g . k_t.
+template <typename T, int BS>
+void block_scores(const float* q, const T* kb, float* s, int64_t G, int64_t d, int64_t s_stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    float acc[BS] = {};
+    const float* qg = q + g * d;
+    for (int64_t c = 0; c < d; ++c) {
+      const float qc = qg[c];
+      const T* krow = kb + c * BS;  // transposed block: row c holds dim c of all BS keys
+      for (int t = 0; t < BS; ++t) acc[t] += qc * to_float(krow[t]);
+    }
+    float* out = s + g * s_stride;
+    for (int t = 0; t < BS; ++t) out[t] = acc[t];
+  }
+}
+
+template <typename T>
+void block_scores_any(const float* q, const T* kb, float* s, int64_t G, int64_t d, int64_t bs, int64_t s_stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* acc = s + g * s_stride;
+    for (int64_t t = 0; t < bs; ++t) acc[t] = 0.f;
+    for (int64_t c = 0; c < d; ++c) {
+      const float qc = q[g * d + c];
+      for (int64_t t = 0; t < bs; ++t) acc[t] += qc * to_float(kb[c * bs + t]);
+    }
+  }
+}
+
 template <typename T>
 void decode_task(
     int64_t b, int64_t hkv, const float* query, const T* key_cache, const T* value_cache,
@@ -61,18 +91,14 @@ void decode_task(
   std::vector<float> s(G * nb * bs);  // scores, then weights
   const float* q = query + (b * H + hkv * G) * d;
 
-  // Pass 1: scores s[g][j] = scale * q_g . k_j over all n keys (K read in full).
+  // Pass 1: scores s[g][j] = q_g . k_j over all n keys (K read in full).
   for (int64_t blk = 0; blk < nb; ++blk) {
     const T* kb = key_cache + table[blk] * cache_block_stride + hkv * cache_head_stride;
-    for (int64_t g = 0; g < G; ++g) {
-      float* acc = s.data() + g * nb * bs + blk * bs;
-      for (int64_t t = 0; t < bs; ++t) acc[t] = 0.f;
-      const float* qg = q + g * d;
-      for (int64_t c = 0; c < d; ++c) {
-        const float qc = qg[c];
-        const T* krow = kb + c * bs;  // transposed block: row c holds dim c of all bs keys
-        for (int64_t t = 0; t < bs; ++t) acc[t] += qc * to_float(krow[t]);
-      }
+    float* sb = s.data() + blk * bs;
+    switch (bs) {
+      case 32: block_scores<T, 32>(q, kb, sb, G, d, nb * bs); break;
+      case 64: block_scores<T, 64>(q, kb, sb, G, d, nb * bs); break;
+      default: block_scores_any<T>(q, kb, sb, G, d, bs, nb * bs);
     }
   }
   std::vector<float> m(G), kept_sum(G, 0.f), e(nb * bs);
