@@ -1,7 +1,7 @@
 """The Top-θ reference: SPEC §2-5 in plain torch, one sequence at a time.
 
 Slow and obvious on purpose. Every fast path is tested against
-`topt_attention_reference`; read SPEC.md beside this file's comments.
+`topt_attention_reference`; read docs/SPEC.md beside this file's comments.
 """
 
 from __future__ import annotations
