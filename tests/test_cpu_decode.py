@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.paged import build_paged_batch
-from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged
-from vllm_topt.cpu_kernel import topt_decode_paged_cpp
+from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
+from vllm_topt.cpu_kernel import topt_decode_paged_cpp, update_v_block_sums_cpp
 from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
 
 RULES = [
@@ -171,3 +171,58 @@ def test_skipped_blocks_are_not_read(decode):
     )
     torch.testing.assert_close(out, out2)
     batch.value_cache.copy_(poisoned)
+
+
+def test_long_rows_split_across_chunks(decode):
+    """Sequences long enough to be split into several key chunks (combined online softmax)."""
+    rule = ToptRule("pre-softmax", "exp-threshold", True, k=16)
+    keys, values = random_sequences([2000, 700, 33], 2, 64, seed=11)
+    query = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(12)) * 2
+    batch = build_paged_batch(keys, values, 32)
+    theta = thresholds_for(query, batch.keys, rule, 0.125, seed=13)
+    fast, fc, ref, rc = run_both(decode, query, batch, theta, rule, 0.125, 32)
+    assert_counts_close(fc, rc)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_cpp_reads_only_kept_v_rows():
+    """Inside a block it reads, the C++ kernel touches only rows some head keeps."""
+    rule = ToptRule("post-softmax", "none", True, k=4)
+    keys, values = random_sequences([300], 2, 64, seed=14)
+    query = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(15)) * 3
+    batch = build_paged_batch(keys, values, 32)
+    theta = thresholds_for(query, batch.keys, rule, 0.125, seed=16)
+    args = (batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta, rule, 0.125,
+            KEY_LAYOUT_TRANSPOSED, batch.v_block_sums)
+    out, counts = topt_decode_paged_cpp(query, *args)
+    assert counts.v_rows_read < counts.v_rows_visible
+    # Rows kept by some head of the group, from the reference's own keep rule.
+    scores = 0.125 * torch.einsum("hd,nhd->hn", query[0], keys[0].repeat_interleave(2, dim=1))
+    kept = torch.softmax(scores, dim=-1) > theta[0][:, None]  # [H, n]
+    needed = kept.view(2, 2, -1).any(dim=1)  # [H_kv, n]
+    for h in range(2):
+        for j in (~needed[h]).nonzero().flatten().tolist():
+            block = int(batch.block_table[0, j // 32])
+            batch.value_cache[block, h, j % 32] = float("nan")
+    out2, _ = topt_decode_paged_cpp(query, *args)
+    torch.testing.assert_close(out, out2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_v_block_sums_match_torch(dtype):
+    """Prefill writes, decode writes, a refilled block and padding slots (-1)."""
+    gen = torch.Generator().manual_seed(17)
+    bs, H_kv, d = 32, 2, 64
+    expected = torch.full((6, H_kv, d), 1e3)  # stale sums must be reset on first write
+    actual = expected.clone()
+    writes = [
+        torch.arange(0, 70),  # a prefill over blocks 0-2
+        torch.tensor([70, -1, -1]),  # a decode step, padded
+        torch.arange(96, 100),  # block 3 refilled from offset 0
+        torch.tensor([101, 5 * bs]),  # two sequences' decode rows
+    ]
+    for slots in writes:
+        value = torch.randn(slots.shape[0], H_kv, d, generator=gen).to(dtype)
+        update_v_block_sums(expected, value, slots, bs)
+        update_v_block_sums_cpp(actual, value, slots, bs)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, batch_density_counts
+from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED
 from vllm_topt.reference import DensityCounts, ToptRule
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
@@ -27,7 +27,9 @@ def load_extension():
     return load(
         name="vllm_topt_cpu",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
+        # -fopenmp: ATen's parallel_for is an OpenMP region compiled into this extension.
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+        extra_ldflags=["-fopenmp"],
         verbose=False,
     )
 
@@ -44,26 +46,48 @@ def topt_decode_paged_cpp(
     key_layout: str = KEY_LAYOUT_TRANSPOSED,
     v_block_sums: torch.Tensor | None = None,
     logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DensityCounts]:
+    """Same contract as `cpu_decode.topt_decode_paged`; `out` ([B, H, d] contiguous float32) is
+    written in place when given, and returned (as the query's dtype)."""
     if key_layout != KEY_LAYOUT_TRANSPOSED:
         raise NotImplementedError("the C++ kernel reads the transposed K layout of vLLM's 'vec' CPU ISA")
     sparse = not rule.dense and theta is not None
     if sparse and rule.vmc and v_block_sums is None:
         raise ValueError("VMC needs per-block V sums (v_block_sums)")
-    seq_lens = seq_lens.to(torch.int32)
-    sparse_rows = seq_lens > rule.k if sparse else torch.zeros_like(seq_lens, dtype=torch.bool)
-    empty = torch.empty(0)
-    out, counts = load_extension().topt_decode(
-        query.float().contiguous(), key_cache, value_cache, block_table.to(torch.int32), seq_lens,
-        theta.float().contiguous() if sparse else empty, sparse_rows,
-        v_block_sums if (sparse and rule.vmc) else empty,
-        PLACEMENT_CODES[rule.placement], SDC_CODES[rule.sdc], rule.vmc, float(scale), float(logits_soft_cap or 0.0),
+    B, H, d = query.shape
+    out = torch.empty(B, H, d) if out is None else out
+    totals = load_extension().topt_decode(
+        out, query, key_cache, value_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
+        theta.float().contiguous() if sparse else _EMPTY, v_block_sums if (sparse and rule.vmc) else _EMPTY,
+        rule.k, PLACEMENT_CODES[rule.placement], SDC_CODES[rule.sdc], rule.vmc, float(scale),
+        float(logits_soft_cap or 0.0),
     )
-    kept, rows_read, blocks_read, kept_thresholded = counts.sum(dim=(0, 1)).tolist()
-    return out.to(query.dtype), batch_density_counts(
-        seq_lens, sparse_rows, query.shape[1], key_cache.shape[1], key_cache.shape[2], rule.k,
-        kept, rows_read, blocks_read, kept_thresholded,
+    kept, rows_read, blocks_read, kept_thresholded, keys, blocks, thresholded_seqs = totals
+    H_kv = key_cache.shape[1]
+    counts = DensityCounts(
+        rows=B,
+        elements_visible=keys * H,
+        elements_kept=kept,
+        v_rows_visible=keys * H_kv,
+        v_rows_read=rows_read,
+        v_blocks_visible=blocks * H_kv,
+        v_blocks_read=blocks_read,
+        thresholded_rows=thresholded_seqs * H,
+        thresholded_kept=kept_thresholded,
+        thresholded_target=thresholded_seqs * H * rule.k,
     )
+    return out.to(query.dtype), counts
+
+
+def update_v_block_sums_cpp(
+    v_block_sums: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, block_size: int
+) -> None:
+    """C++ twin of `cpu_decode.update_v_block_sums` (same semantics, no per-call torch ops)."""
+    load_extension().update_v_block_sums(v_block_sums, value, slot_mapping.to(torch.int64), block_size)
+
+
+_EMPTY = torch.empty(0)
 
 
 if __name__ == "__main__":

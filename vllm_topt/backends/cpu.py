@@ -31,7 +31,7 @@ from vllm_topt.cpu_decode import (
     topt_decode_paged,
     update_v_block_sums,
 )
-from vllm_topt.cpu_kernel import load_extension, topt_decode_paged_cpp
+from vllm_topt.cpu_kernel import load_extension, topt_decode_paged_cpp, update_v_block_sums_cpp
 from vllm_topt.log import get_logger
 from vllm_topt.layer_state import ToptLayerConfig, build_layer_config
 
@@ -168,7 +168,7 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )
         self.topt = build_layer_config(get_current_vllm_config(), num_heads)
-        self._decode_impl = decode_implementation(self.topt.options.cpu_kernel)
+        self._decode_impl, self._update_v_sums = decode_implementation(self.topt.options.cpu_kernel)
         self._layer_index: int | None = None
         self._key_layout: str | None = None
         self._v_block_sums: torch.Tensor | None = None
@@ -227,13 +227,13 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
         sums = self._v_block_sums
         if sums is None or sums.shape[0] != num_blocks:
             sums = self._v_block_sums = torch.zeros(num_blocks, num_kv_heads, self.head_size, dtype=torch.float32)
-        update_v_block_sums(sums, value, slot_mapping, block_size)
+        self._update_v_sums(sums, value, slot_mapping, block_size)
 
 
 def decode_implementation(name: str):
-    """The decode function for option `cpu_kernel`; the C++ kernel must load or TOPT stops."""
+    """(decode, V-sum update) for option `cpu_kernel`; the C++ kernel must load or TOPT stops."""
     if name == "torch":
-        return topt_decode_paged
+        return topt_decode_paged, update_v_block_sums
     try:
         load_extension()
     except Exception as exc:  # a compiler error is not a reason to run something else silently
@@ -242,7 +242,7 @@ def decode_implementation(name: str):
             "of time). Fix the build, or choose the vectorised torch path with "
             "--additional-config '{\"topt\": {\"cpu_kernel\": \"torch\"}}'."
         ) from exc
-    return topt_decode_paged_cpp
+    return topt_decode_paged_cpp, update_v_block_sums_cpp
 
 
 def layer_index_of(layer_name: str) -> int:

@@ -1,10 +1,17 @@
 // Top-θ decode attention over vLLM's CPU paged KV cache (one query per sequence).
 //
-// One task per (sequence, KV head): pass 1 reads the sequence's K blocks in
-// full (scores for the G query heads of the group, row max, softmax sum);
-// the threshold then marks the rows each head keeps; pass 2 reads only the V
-// blocks holding at least one kept row of any head of the group. VMC takes
-// mean(V) from per-block V sums. Semantics: vllm_topt/reference.py (SPEC §2-5).
+// Work is split into tasks of (sequence, KV head, chunk of blocks) so that a
+// single long sequence still fills every core. Three parallel phases:
+//   A. scores: read each chunk's K blocks in full, compute the G query heads'
+//      scaled scores, and the chunk's row max and exp-sum (online softmax);
+//   combine: global max M and sum S per head; the threshold becomes a bound on
+//      the score itself (post-softmax: p > θ  <=>  s > M + ln(θ S)), so the
+//      keep decision is one compare and exp() runs only in blocks that are read;
+//   B. values: per V block, the rows kept by any head of the group (GQA union)
+//      are read, row by row (a dropped row costs no memory traffic on a CPU);
+//      VMC adds the chunk's per-block V sums;
+//   C. per head: sum the chunks, apply the SPEC §4 denominator and VMC.
+// Semantics: vllm_topt/reference.py (SPEC §2-5).
 //
 // Layout (vLLM CPU_ATTN, ISA "vec"): a K block is stored transposed,
 // [head_size][block_size]; a V block row-major, [block_size][head_size].
@@ -12,9 +19,17 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -22,8 +37,11 @@ namespace {
 enum Placement { kPostSoftmax = 0, kPreSoftmax = 1 };
 enum Sdc { kSdcNone = 0, kSdcExact = 1, kSdcExpThreshold = 2 };
 
-// Counts per task: kept elements, V rows read, V blocks read, kept in thresholded rows.
+// Counts per (sequence, KV head): kept elements, V rows read, V blocks read,
+// kept elements in thresholded rows.
 constexpr int kNumCounts = 4;
+constexpr int64_t kMaxBlockSize = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
@@ -48,21 +66,160 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// Scores of G query heads against one K block stored [d][BS]. With BS known
-// at compile time the BS accumulators of a head stay in registers across the
-// d-loop. s[g * s_stride + t] receives q_g . k_t.
+#if defined(__AVX2__) && defined(__FMA__)
+// exp_nonpositive on 8 lanes (same polynomial, same results up to rounding).
+inline __m256 exp8_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+#endif
+
+// max of s[0..n)
+inline float row_max(const float* s, int64_t n) {
+  float mx = kNegInf;
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(s);
+    for (t = 8; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    mx = hmax8(m);
+  }
+#endif
+  for (; t < n; ++t) mx = std::max(mx, s[t]);
+  return mx;
+}
+
+// Σ exp(s[t] - m) over t < n (every s[t] <= m)
+inline float exp_sum(const float* s, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) acc = _mm256_add_ps(acc, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)));
+  sum = hsum8(acc);
+#endif
+  for (; t < n; ++t) sum += exp_nonpositive(s[t] - m);
+  return sum;
+}
+
+// w[t] = s[t] > bound ? exp(s[t] - m) : 0 for t < n; returns (kept count, Σ w).
+inline std::pair<int64_t, float> kept_weights(const float* s, float* w, int64_t n, float bound, float m) {
+  int64_t kept = 0;
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 mv = _mm256_set1_ps(m), bv = _mm256_set1_ps(bound);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 x = _mm256_loadu_ps(s + t);
+    const __m256 keep = _mm256_cmp_ps(x, bv, _CMP_GT_OQ);
+    const __m256 e = _mm256_and_ps(keep, exp8_nonpositive(_mm256_sub_ps(x, mv)));
+    _mm256_storeu_ps(w + t, e);
+    acc = _mm256_add_ps(acc, e);
+    kept += __builtin_popcount(_mm256_movemask_ps(keep));
+  }
+  sum = hsum8(acc);
+#endif
+  for (; t < n; ++t) {
+    const bool keep = s[t] > bound;
+    const float e = keep ? exp_nonpositive(s[t] - m) : 0.f;
+    w[t] = e;
+    kept += keep;
+    sum += e;
+  }
+  return {kept, sum};
+}
+
+// Scores of G query heads against one K block stored [d][BS]. Heads go in
+// pairs and keys in 32-wide strips, so 2 x 4 accumulators of 8 lanes stay in
+// registers across the d-loop and hide the FMA latency; the block (in L1) is
+// re-read once per pair. s[g * s_stride + t] receives q_g . k_t.
 template <typename T, int BS>
 void block_scores(const float* q, const T* kb, float* s, int64_t G, int64_t d, int64_t s_stride) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float> && BS % 32 == 0) {
+    for (int t0 = 0; t0 < BS; t0 += 32) {
+      int64_t g = 0;
+      for (; g + 1 < G; g += 2) {
+        const float* q0 = q + g * d;
+        const float* q1 = q0 + d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t c = 0; c < d; ++c) {
+          const float* krow = kb + c * BS + t0;  // row c of the transposed block: dim c of the keys
+          const __m256 k0 = _mm256_loadu_ps(krow), k1 = _mm256_loadu_ps(krow + 8);
+          const __m256 k2 = _mm256_loadu_ps(krow + 16), k3 = _mm256_loadu_ps(krow + 24);
+          const __m256 x = _mm256_broadcast_ss(q0 + c), y = _mm256_broadcast_ss(q1 + c);
+          a0 = _mm256_fmadd_ps(x, k0, a0);
+          a1 = _mm256_fmadd_ps(x, k1, a1);
+          a2 = _mm256_fmadd_ps(x, k2, a2);
+          a3 = _mm256_fmadd_ps(x, k3, a3);
+          b0 = _mm256_fmadd_ps(y, k0, b0);
+          b1 = _mm256_fmadd_ps(y, k1, b1);
+          b2 = _mm256_fmadd_ps(y, k2, b2);
+          b3 = _mm256_fmadd_ps(y, k3, b3);
+        }
+        float* s0 = s + g * s_stride + t0;
+        float* s1 = s0 + s_stride;
+        _mm256_storeu_ps(s0, a0), _mm256_storeu_ps(s0 + 8, a1), _mm256_storeu_ps(s0 + 16, a2);
+        _mm256_storeu_ps(s0 + 24, a3);
+        _mm256_storeu_ps(s1, b0), _mm256_storeu_ps(s1 + 8, b1), _mm256_storeu_ps(s1 + 16, b2);
+        _mm256_storeu_ps(s1 + 24, b3);
+      }
+      if (g < G) {
+        const float* q0 = q + g * d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < d; ++c) {
+          const float* krow = kb + c * BS + t0;
+          const __m256 x = _mm256_broadcast_ss(q0 + c);
+          a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(krow), a0);
+          a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(krow + 8), a1);
+          a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(krow + 16), a2);
+          a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(krow + 24), a3);
+        }
+        float* s0 = s + g * s_stride + t0;
+        _mm256_storeu_ps(s0, a0), _mm256_storeu_ps(s0 + 8, a1), _mm256_storeu_ps(s0 + 16, a2);
+        _mm256_storeu_ps(s0 + 24, a3);
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t g = 0; g < G; ++g) {
     float acc[BS] = {};
-    const float* qg = q + g * d;
+    const float* q0 = q + g * d;
     for (int64_t c = 0; c < d; ++c) {
-      const float qc = qg[c];
-      const T* krow = kb + c * BS;  // transposed block: row c holds dim c of all BS keys
-      for (int t = 0; t < BS; ++t) acc[t] += qc * to_float(krow[t]);
+      const T* krow = kb + c * BS;
+      const float a = q0[c];
+      for (int t = 0; t < BS; ++t) acc[t] += a * to_float(krow[t]);
     }
-    float* out = s + g * s_stride;
-    for (int t = 0; t < BS; ++t) out[t] = acc[t];
+    std::memcpy(s + g * s_stride, acc, sizeof(acc));
   }
 }
 
@@ -79,183 +236,396 @@ void block_scores_any(const float* q, const T* kb, float* s, int64_t G, int64_t 
 }
 
 template <typename T>
-void decode_task(
-    int64_t b, int64_t hkv, const float* query, const T* key_cache, const T* value_cache,
-    const int32_t* block_table, int64_t table_stride, int64_t n, const float* theta,
-    const float* v_block_sums, float* out, int64_t* counts,
-    int64_t H, int64_t G, int64_t d, int64_t bs,
-    int64_t cache_block_stride, int64_t cache_head_stride, int64_t sums_block_stride,
-    bool sparse, int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
-  const int64_t nb = (n + bs - 1) / bs;
-  const int32_t* table = block_table + b * table_stride;
-  std::vector<float> s(G * nb * bs);  // scores, then weights
-  const float* q = query + (b * H + hkv * G) * d;
+struct Problem {
+  // Inputs.
+  const float* query;  // [B, H, d]
+  const T* key_cache;
+  const T* value_cache;
+  const int32_t* block_table;
+  const int32_t* seq_lens;
+  const float* theta;  // [B, H] or null
+  const bool* sparse;  // [B]: the threshold applies to this row
+  const float* v_block_sums;  // [num_blocks, H_kv, d] or null
+  int64_t table_stride, cache_block_stride, cache_head_stride, sums_block_stride;
+  int64_t B, H, Hkv, G, d, bs;
+  int64_t placement, sdc;
+  bool vmc;
+  float scale, soft_cap;
+  // Scratch and outputs.
+  float* scores;  // per (b, h): [G][nb * bs] at score_offset(b, h)
+  const int64_t* seq_block_offset;  // [B + 1]: prefix sums of blocks per sequence
+  float* out;  // [B, H, d]
+  int64_t* counts;  // [B, H_kv, kNumCounts]
 
-  // Pass 1: scores s[g][j] = q_g . k_j over all n keys (K read in full).
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const T* kb = key_cache + table[blk] * cache_block_stride + hkv * cache_head_stride;
-    float* sb = s.data() + blk * bs;
-    switch (bs) {
-      case 32: block_scores<T, 32>(q, kb, sb, G, d, nb * bs); break;
-      case 64: block_scores<T, 64>(q, kb, sb, G, d, nb * bs); break;
-      default: block_scores_any<T>(q, kb, sb, G, d, bs, nb * bs);
-    }
+  int64_t num_blocks(int64_t b) const { return seq_block_offset[b + 1] - seq_block_offset[b]; }
+  float* score_row(int64_t b, int64_t h, int64_t g) const {
+    const int64_t nbbs = num_blocks(b) * bs;
+    return scores + (seq_block_offset[b] * bs * Hkv + h * nbbs) * G + g * nbbs;
   }
-  std::vector<float> m(G), kept_sum(G, 0.f), e(nb * bs);
-  std::vector<uint8_t> row_needed(nb * bs, 0);
-  int64_t kept = 0, kept_thresholded = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s.data() + g * nb * bs;
-    const float sc = static_cast<float>(scale);
-    float mx = -std::numeric_limits<float>::infinity();
-    if (soft_cap > 0) {
-      const float cap = static_cast<float>(soft_cap);
-      for (int64_t j = 0; j < n; ++j) sg[j] = cap * std::tanh(sg[j] * sc / cap);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) sg[j] *= sc;
-    }
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
-    // One exp per element, in a loop the compiler vectorises.
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      e[j] = exp_nonpositive(sg[j] - mx);
-      sum += e[j];
-    }
-    m[g] = mx;
-    const float th = sparse ? theta[b * H + hkv * G + g] : 0.f;
-    // Keep decision (SPEC §3) on p = e / S or on the score; weights overwrite the scores.
-    int64_t kept_g = 0;
-    float e_kept = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      const bool keep = !sparse || (placement == kPostSoftmax ? (e[j] / sum > th) : (sg[j] > th));
-      row_needed[j] |= keep;
-      kept_g += keep;
-      e_kept += keep ? e[j] : 0.f;
-      sg[j] = keep ? e[j] : 0.f;
-    }
-    // SPEC §4: post-softmax (and dense) keeps the dense p of kept elements.
-    float denom = sum;
-    if (sparse && placement == kPreSoftmax) {
-      float D = 0.f;
-      if (sdc == kSdcExact) D = sum - e_kept;
-      else if (sdc == kSdcExpThreshold) D = static_cast<float>(n - kept_g) * std::exp(th - mx);
-      denom = std::max(e_kept + D, std::numeric_limits<float>::min());
-    }
-    const float inv = 1.f / denom;
-    float wsum = 0.f;
-#pragma omp simd reduction(+ : wsum)
-    for (int64_t j = 0; j < n; ++j) {
-      sg[j] *= inv;
-      wsum += sg[j];
-    }
-    kept_sum[g] = wsum;
-    kept += kept_g;
-    if (sparse) kept_thresholded += kept_g;
-  }
+  bool thresholded(int64_t b) const { return sparse[b]; }
+};
 
-  // Pass 2: out_g = sum_j w_gj v_j over the V blocks with a needed row only.
-  float* o = out + (b * H + hkv * G) * d;
-  for (int64_t i = 0; i < G * d; ++i) o[i] = 0.f;
-  int64_t rows_read = 0, blocks_read = 0;
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t rows = std::min(bs, n - blk * bs);
-    bool any = false;
-    for (int64_t t = 0; t < rows; ++t) {
-      if (row_needed[blk * bs + t]) { any = true; ++rows_read; }
+struct Task {
+  int64_t b, h, blk_begin, blk_end;
+};
+
+// Per task, per head of the group: what phase A and B leave for the combine.
+struct Partial {
+  float max, exp_sum;  // phase A
+  float kept_exp_sum;  // phase B: Σ exp(s - M) over kept elements
+  int64_t kept;
+};
+
+// Phase A: scores of one chunk, with the chunk's max and Σ exp(s - max) per head.
+template <typename T>
+void score_chunk(const Problem<T>& P, const Task& task, Partial* part) {
+  const int64_t n = P.seq_lens[task.b];
+  const int32_t* table = P.block_table + task.b * P.table_stride;
+  // The group's queries times the softmax scale, so the scores come out scaled.
+  std::vector<float> q_scaled(P.G * P.d);
+  const float* q_in = P.query + (task.b * P.H + task.h * P.G) * P.d;
+  for (int64_t i = 0; i < P.G * P.d; ++i) q_scaled[i] = q_in[i] * P.scale;
+  const float* q = q_scaled.data();
+  float* s0 = P.score_row(task.b, task.h, 0);
+  const int64_t stride = P.num_blocks(task.b) * P.bs;
+  for (int64_t g = 0; g < P.G; ++g) part[g].max = kNegInf, part[g].exp_sum = 0.f;
+  for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
+    const T* kb = P.key_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
+    float* sb = s0 + blk * P.bs;
+    switch (P.bs) {
+      case 32: block_scores<T, 32>(q, kb, sb, P.G, P.d, stride); break;
+      case 64: block_scores<T, 64>(q, kb, sb, P.G, P.d, stride); break;
+      case 128: block_scores<T, 128>(q, kb, sb, P.G, P.d, stride); break;
+      default: block_scores_any<T>(q, kb, sb, P.G, P.d, P.bs, stride);
     }
-    if (!any) continue;  // the whole V page stays unread
-    ++blocks_read;
-    const T* vb = value_cache + table[blk] * cache_block_stride + hkv * cache_head_stride;
-    for (int64_t t = 0; t < rows; ++t) {
-      if (!row_needed[blk * bs + t]) continue;
-      const T* vrow = vb + t * d;
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = s[g * nb * bs + blk * bs + t];
-        if (w == 0.f) continue;
-        float* og = o + g * d;
-        for (int64_t c = 0; c < d; ++c) og[c] += w * to_float(vrow[c]);
+    // Online softmax over the chunk while the block's scores are still in L1.
+    const int64_t rows = std::min(P.bs, n - blk * P.bs);
+    for (int64_t g = 0; g < P.G; ++g) {
+      float* sg = sb + g * stride;
+      if (P.soft_cap > 0) {
+        for (int64_t t = 0; t < rows; ++t) sg[t] = P.soft_cap * std::tanh(sg[t] / P.soft_cap);
       }
+      const float bmax = row_max(sg, rows);
+      float& mx = part[g].max;
+      float& sum = part[g].exp_sum;
+      if (bmax > mx) {
+        sum = mx == kNegInf ? 0.f : sum * std::exp(mx - bmax);
+        mx = bmax;
+      }
+      sum += exp_sum(sg, rows, mx);
     }
   }
-  if (sparse && vmc) {
-    // mean(v_1..v_n) from per-block sums: O(blocks * d), no V rows read.
-    std::vector<float> mean(d, 0.f);
-    for (int64_t blk = 0; blk < nb; ++blk) {
-      const float* sb = v_block_sums + table[blk] * sums_block_stride + hkv * d;
-      for (int64_t c = 0; c < d; ++c) mean[c] += sb[c];
+}
+
+// Per head: the global max and sum, and the keep bound on the score.
+struct HeadState {
+  float max, sum, bound;  // keep element j  <=>  s_j > bound
+};
+
+template <typename T>
+HeadState combine_head(const Problem<T>& P, int64_t b, int64_t h, int64_t g, const Partial* parts,
+                       int64_t num_parts, int64_t part_stride) {
+  float mx = kNegInf;
+  for (int64_t i = 0; i < num_parts; ++i) mx = std::max(mx, parts[i * part_stride + g].max);
+  float sum = 0.f;
+  for (int64_t i = 0; i < num_parts; ++i) {
+    const Partial& p = parts[i * part_stride + g];
+    sum += p.exp_sum * std::exp(p.max - mx);
+  }
+  float bound = kNegInf;  // dense rows keep every element
+  if (P.thresholded(b)) {
+    const float th = P.theta[b * P.H + h * P.G + g];
+    if (P.placement == kPreSoftmax) bound = th;
+    else if (th > 0.f) bound = mx + std::log(th * sum);  // p > θ  <=>  s > M + ln(θ S)
+  }
+  return {mx, sum, bound};
+}
+
+// o[g] += Σ_i w[g][rows[i]] v[rows[i]] over the listed rows of one V block
+// (row-major [bs][d]); only those rows are read. For float caches each head's
+// 64-wide output strip stays in registers while the rows stream from L1.
+template <typename T>
+void accumulate_rows(const T* vb, const int32_t* rows, int64_t num_rows, const float* w, int64_t bs, float* o,
+                     int64_t G, int64_t d) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (d % 64 == 0) {
+      for (int64_t c0 = 0; c0 < d; c0 += 64) {
+        for (int64_t g = 0; g < G; ++g) {
+          float* og = o + g * d + c0;
+          __m256 a[8];
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(og + 8 * i);
+          const float* wg = w + g * bs;
+          for (int64_t i = 0; i < num_rows; ++i) {
+            const float* v = vb + rows[i] * d + c0;
+            const __m256 x = _mm256_set1_ps(wg[rows[i]]);
+            for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8 * j), a[j]);
+          }
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(og + 8 * i, a[i]);
+        }
+      }
+      return;
     }
+  }
+#endif
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const T* v = vb + rows[i] * d;
     for (int64_t g = 0; g < G; ++g) {
-      const float rest = (1.f - kept_sum[g]) / static_cast<float>(n);
+      const float wt = w[g * bs + rows[i]];
       float* og = o + g * d;
-      for (int64_t c = 0; c < d; ++c) og[c] += rest * mean[c];
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) og[c] += wt * to_float(v[c]);
     }
   }
-  int64_t* cnt = counts + (b * (H / G) + hkv) * kNumCounts;
-  cnt[0] = kept;
-  cnt[1] = rows_read;
-  cnt[2] = blocks_read;
-  cnt[3] = kept_thresholded;
+}
+
+// Phase B: Σ_j exp(s_j - M) v_j over the kept elements of one chunk, reading
+// only V rows kept by some head of the group. o: [G][d] partial output;
+// mean_sum: [d] Σ of the chunk's block V sums (VMC).
+template <typename T>
+void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, Partial* part, float* o,
+                 float* mean_sum, int64_t* rows_read, int64_t* blocks_read) {
+  const int64_t n = P.seq_lens[task.b], G = P.G, d = P.d, bs = P.bs;
+  const int32_t* table = P.block_table + task.b * P.table_stride;
+  const float* s0 = P.score_row(task.b, task.h, 0);
+  const int64_t stride = P.num_blocks(task.b) * bs;
+  std::fill(o, o + G * d, 0.f);
+  for (int64_t g = 0; g < G; ++g) part[g].kept_exp_sum = 0.f, part[g].kept = 0;
+  uint8_t need[kMaxBlockSize];
+  int32_t row_ids[kMaxBlockSize];
+  std::vector<float> weights(G * bs);
+  for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
+    const int64_t j0 = blk * bs, rows = std::min(bs, n - j0);
+    std::fill(need, need + rows, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* sg = s0 + g * stride + j0;
+      const float bound = heads[g].bound;
+      for (int64_t t = 0; t < rows; ++t) need[t] |= sg[t] > bound;
+    }
+    int64_t needed = 0;
+    for (int64_t t = 0; t < rows; ++t) needed += need[t];
+    if (needed == 0) continue;  // the whole V page stays unread
+    *rows_read += needed;
+    *blocks_read += 1;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* sg = s0 + g * stride + j0;
+      const auto [kept, kept_sum] = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
+      part[g].kept += kept;
+      part[g].kept_exp_sum += kept_sum;
+    }
+    const T* vb = P.value_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
+    int64_t num_rows = 0;
+    for (int64_t t = 0; t < rows; ++t) row_ids[num_rows] = static_cast<int32_t>(t), num_rows += need[t];
+    accumulate_rows(vb, row_ids, num_rows, weights.data(), bs, o, G, d);
+  }
+  if (P.vmc && P.thresholded(task.b)) {
+    std::fill(mean_sum, mean_sum + d, 0.f);
+    for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
+      const float* sb = P.v_block_sums + table[blk] * P.sums_block_stride + task.h * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) mean_sum[c] += sb[c];
+    }
+  }
+}
+
+// Chunks small enough to give every thread several tasks, large enough to
+// amortise the per-task work.
+std::vector<Task> make_tasks(const int64_t* seq_block_offset, int64_t B, int64_t Hkv, std::vector<int64_t>& first_task) {
+  const int64_t total = seq_block_offset[B] * Hkv;
+  const int64_t target_tasks = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::clamp<int64_t>((total + target_tasks - 1) / target_tasks, 4, 128);
+  std::vector<Task> tasks;
+  first_task.assign(B * Hkv + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t nb = seq_block_offset[b + 1] - seq_block_offset[b];
+    for (int64_t h = 0; h < Hkv; ++h) {
+      first_task[b * Hkv + h] = static_cast<int64_t>(tasks.size());
+      for (int64_t blk = 0; blk < nb; blk += chunk) tasks.push_back({b, h, blk, std::min(nb, blk + chunk)});
+    }
+  }
+  first_task[B * Hkv] = static_cast<int64_t>(tasks.size());
+  return tasks;
 }
 
 template <typename T>
-void run(const torch::Tensor& query, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
-         const torch::Tensor& block_table, const torch::Tensor& seq_lens, const torch::Tensor& theta,
-         const torch::Tensor& sparse_rows, const torch::Tensor& v_block_sums, torch::Tensor& out,
-         torch::Tensor& counts, int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
-  const int64_t B = query.size(0), H = query.size(1), d = query.size(2);
-  const int64_t Hkv = key_cache.size(1), bs = key_cache.size(2), G = H / Hkv;
-  const float* q = query.data_ptr<float>();
-  const T* kc = key_cache.data_ptr<T>();
-  const T* vc = value_cache.data_ptr<T>();
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const bool* sparse = sparse_rows.data_ptr<bool>();
-  const float* th = theta.numel() ? theta.data_ptr<float>() : nullptr;
-  const float* sums = v_block_sums.numel() ? v_block_sums.data_ptr<float>() : nullptr;
-  const int64_t sums_stride = v_block_sums.numel() ? v_block_sums.stride(0) : 0;
-  float* o = out.data_ptr<float>();
-  int64_t* c = counts.data_ptr<int64_t>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
-      decode_task<T>(b, h, q, kc, vc, bt, block_table.stride(0), lens[b], th, sums, o, c, H, G, d, bs,
-                     key_cache.stride(0), key_cache.stride(1), sums_stride, sparse[b], placement, sdc, vmc,
-                     scale, soft_cap);
+void run(Problem<T>& P) {
+  std::vector<int64_t> first_task;
+  const std::vector<Task> tasks = make_tasks(P.seq_block_offset, P.B, P.Hkv, first_task);
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size()), G = P.G, d = P.d;
+  std::vector<Partial> parts(num_tasks * G);
+  std::vector<HeadState> heads(P.B * P.H);
+  std::vector<float> partial_out(num_tasks * G * d), partial_mean(P.vmc ? num_tasks * d : 0);
+  std::vector<int64_t> rows_read(num_tasks, 0), blocks_read(num_tasks, 0);
+
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) score_chunk(P, tasks[i], &parts[i * G]);
+  });
+  for (int64_t bh = 0; bh < P.B * P.Hkv; ++bh) {
+    const int64_t b = bh / P.Hkv, h = bh % P.Hkv, t0 = first_task[bh];
+    for (int64_t g = 0; g < G; ++g)
+      heads[bh * G + g] = combine_head(P, b, h, g, &parts[t0 * G], first_task[bh + 1] - t0, G);
+  }
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Task& task = tasks[i];
+      value_chunk(P, task, &heads[(task.b * P.Hkv + task.h) * G], &parts[i * G], &partial_out[i * G * d],
+                  P.vmc ? &partial_mean[i * d] : nullptr, &rows_read[i], &blocks_read[i]);
+    }
+  });
+  // Phase C: per (sequence, KV head), sum the chunks and normalise (SPEC §4), then VMC.
+  at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(d), mean(d);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / P.Hkv, h = bh % P.Hkv, t0 = first_task[bh], t1 = first_task[bh + 1];
+      const int64_t n = P.seq_lens[b];
+      const bool thresholded = P.thresholded(b);
+      int64_t kept_all = 0, rows = 0, blocks = 0;
+      for (int64_t i = t0; i < t1; ++i) rows += rows_read[i], blocks += blocks_read[i];
+      if (P.vmc && thresholded) {
+        std::fill(mean.begin(), mean.end(), 0.f);
+        for (int64_t i = t0; i < t1; ++i)
+          for (int64_t c = 0; c < d; ++c) mean[c] += partial_mean[i * d + c];
+        for (int64_t c = 0; c < d; ++c) mean[c] /= static_cast<float>(n);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const HeadState& hs = heads[bh * G + g];
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float kept_exp = 0.f;
+        int64_t kept = 0;
+        for (int64_t i = t0; i < t1; ++i) {
+          kept_exp += parts[i * G + g].kept_exp_sum;
+          kept += parts[i * G + g].kept;
+          const float* po = &partial_out[(i * G + g) * d];
+          for (int64_t c = 0; c < d; ++c) acc[c] += po[c];
+        }
+        float denom = hs.sum;  // dense and post-softmax: kept elements keep their dense p
+        if (thresholded && P.placement == kPreSoftmax) {
+          float dropped_mass = 0.f;
+          if (P.sdc == kSdcExact) dropped_mass = hs.sum - kept_exp;
+          else if (P.sdc == kSdcExpThreshold)
+            dropped_mass = static_cast<float>(n - kept) * std::exp(P.theta[b * P.H + h * G + g] - hs.max);
+          denom = std::max(kept_exp + dropped_mass, std::numeric_limits<float>::min());
+        }
+        const float inv = 1.f / denom;
+        float* og = P.out + (b * P.H + h * G + g) * d;
+        const float rest = (P.vmc && thresholded) ? 1.f - kept_exp * inv : 0.f;
+        for (int64_t c = 0; c < d; ++c) og[c] = acc[c] * inv + rest * mean[c];
+        kept_all += kept;
+      }
+      int64_t* cnt = P.counts + bh * kNumCounts;
+      cnt[0] = kept_all;
+      cnt[1] = rows;
+      cnt[2] = blocks;
+      cnt[3] = thresholded ? kept_all : 0;
     }
   });
 }
 
+// Scores of every sequence, reused across calls (no page faults per layer).
+float* score_scratch(int64_t floats) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(floats);
+  return scratch.data();
+}
+
 }  // namespace
 
-// Returns (out [B, H, d] float32, counts [B, H_kv, 4] int64).
-std::vector<torch::Tensor> topt_decode(
-    torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache, torch::Tensor block_table,
-    torch::Tensor seq_lens, torch::Tensor theta, torch::Tensor sparse_rows, torch::Tensor v_block_sums,
-    int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
-  TORCH_CHECK(query.dtype() == torch::kFloat32 && query.is_contiguous(), "query: contiguous float32");
+// Top-θ decode for B sequences, one query each. Writes out [B, H, d] (float32,
+// contiguous) and returns the batch totals: kept elements, V rows read, V
+// blocks read, kept in thresholded rows, keys (Σ n), blocks (Σ ceil(n / bs)),
+// thresholded sequences. theta: [B, H] float32, or empty for dense; a
+// sequence is thresholded when theta is given and n > k.
+std::vector<int64_t> topt_decode(
+    torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+    torch::Tensor block_table, torch::Tensor seq_lens, torch::Tensor theta, torch::Tensor v_block_sums,
+    int64_t k, int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous(), "out: contiguous float32");
   TORCH_CHECK(key_cache.stride(3) == 1 && key_cache.stride(2) == key_cache.size(3), "K block must be dense");
   TORCH_CHECK(block_table.dtype() == torch::kInt32 && seq_lens.dtype() == torch::kInt32, "int32 tables");
-  TORCH_CHECK(sparse_rows.dtype() == torch::kBool, "sparse_rows: bool");
-  const int64_t B = query.size(0), H = query.size(1), d = query.size(2), Hkv = key_cache.size(1);
-  auto out = torch::empty({B, H, d}, query.options());
-  auto counts = torch::zeros({B, Hkv, kNumCounts}, query.options().dtype(torch::kInt64));
-  if (key_cache.scalar_type() == torch::kFloat32) {
-    run<float>(query, key_cache, value_cache, block_table, seq_lens, theta, sparse_rows, v_block_sums, out,
-               counts, placement, sdc, vmc, scale, soft_cap);
-  } else if (key_cache.scalar_type() == torch::kBFloat16) {
-    run<at::BFloat16>(query, key_cache, value_cache, block_table, seq_lens, theta, sparse_rows, v_block_sums,
-                      out, counts, placement, sdc, vmc, scale, soft_cap);
-  } else if (key_cache.scalar_type() == torch::kFloat16) {
-    run<at::Half>(query, key_cache, value_cache, block_table, seq_lens, theta, sparse_rows, v_block_sums,
-                  out, counts, placement, sdc, vmc, scale, soft_cap);
-  } else {
-    TORCH_CHECK(false, "unsupported KV cache dtype ", key_cache.scalar_type());
+  TORCH_CHECK(key_cache.size(2) <= kMaxBlockSize, "block size above ", kMaxBlockSize);
+  TORCH_CHECK(theta.numel() == 0 || (theta.dtype() == torch::kFloat32 && theta.is_contiguous()), "theta: float32");
+  TORCH_CHECK(v_block_sums.numel() == 0 || v_block_sums.dtype() == torch::kFloat32, "v_block_sums: float32");
+  if (query.dtype() != torch::kFloat32 || !query.is_contiguous()) query = query.to(torch::kFloat32).contiguous();
+  const int64_t B = query.size(0), H = query.size(1), Hkv = key_cache.size(1), bs = key_cache.size(2);
+  TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == query.size(2), "out: [B, H, d]");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  std::vector<int64_t> block_offsets(B + 1, 0);
+  std::unique_ptr<bool[]> sparse(new bool[B]);
+  std::vector<int64_t> totals(7, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    block_offsets[b + 1] = block_offsets[b] + (lens[b] + bs - 1) / bs;
+    sparse[b] = theta.numel() > 0 && lens[b] > k;
+    totals[4] += lens[b];
+    totals[6] += sparse[b];
   }
-  return {out, counts};
+  totals[5] = block_offsets[B];
+  std::vector<int64_t> counts(B * Hkv * kNumCounts, 0);
+  auto fill = [&](auto* typed_cache) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_cache)>>;
+    Problem<T> P;
+    P.query = query.data_ptr<float>();
+    P.key_cache = key_cache.data_ptr<T>();
+    P.value_cache = value_cache.data_ptr<T>();
+    P.block_table = block_table.data_ptr<int32_t>();
+    P.seq_lens = lens;
+    P.theta = theta.numel() ? theta.data_ptr<float>() : nullptr;
+    P.sparse = sparse.get();
+    P.v_block_sums = v_block_sums.numel() ? v_block_sums.data_ptr<float>() : nullptr;
+    P.table_stride = block_table.stride(0);
+    P.cache_block_stride = key_cache.stride(0);
+    P.cache_head_stride = key_cache.stride(1);
+    P.sums_block_stride = v_block_sums.numel() ? v_block_sums.stride(0) : 0;
+    P.B = B;
+    P.H = H;
+    P.d = query.size(2);
+    P.Hkv = Hkv;
+    P.bs = bs;
+    P.G = H / Hkv;
+    P.placement = placement;
+    P.sdc = sdc;
+    P.vmc = vmc && P.v_block_sums != nullptr;
+    P.scale = static_cast<float>(scale);
+    P.soft_cap = static_cast<float>(soft_cap);
+    P.scores = score_scratch(block_offsets[B] * bs * H);
+    P.seq_block_offset = block_offsets.data();
+    P.out = out.data_ptr<float>();
+    P.counts = counts.data();
+    run<T>(P);
+  };
+  const auto dtype = key_cache.scalar_type();
+  if (dtype == torch::kFloat32) fill(static_cast<float*>(nullptr));
+  else if (dtype == torch::kBFloat16) fill(static_cast<at::BFloat16*>(nullptr));
+  else if (dtype == torch::kFloat16) fill(static_cast<at::Half*>(nullptr));
+  else TORCH_CHECK(false, "unsupported KV cache dtype ", dtype);
+  for (int64_t i = 0; i < B * Hkv; ++i)
+    for (int j = 0; j < kNumCounts; ++j) totals[j] += counts[i * kNumCounts + j];
+  return totals;
+}
+
+// Σ v per (block, KV head) as the cache is written; a write at offset 0
+// starts the block's sum afresh (a block is always filled from offset 0).
+// v_block_sums: [num_blocks, H_kv, d] float32; value: [N, H_kv, d]; slots: [>= N], -1 = padding.
+void update_v_block_sums(torch::Tensor v_block_sums, torch::Tensor value, torch::Tensor slot_mapping,
+                         int64_t block_size) {
+  TORCH_CHECK(v_block_sums.dtype() == torch::kFloat32 && v_block_sums.is_contiguous(), "sums: contiguous float32");
+  TORCH_CHECK(slot_mapping.dtype() == torch::kInt64, "slot_mapping: int64");
+  auto v = value.to(torch::kFloat32).contiguous();
+  const int64_t n = std::min(v.size(0), slot_mapping.size(0)), row = v.size(1) * v.size(2);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* vp = v.data_ptr<float>();
+  float* sums = v_block_sums.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t slot = slots[i];
+    if (slot < 0) continue;
+    float* dst = sums + (slot / block_size) * row;
+    if (slot % block_size == 0) std::fill(dst, dst + row, 0.f);
+    const float* src = vp + i * row;
+#pragma omp simd
+    for (int64_t c = 0; c < row; ++c) dst[c] += src[c];
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topt_decode", &topt_decode, "Top-θ decode attention over the CPU paged KV cache");
+  m.def("update_v_block_sums", &update_v_block_sums, "per-block V sums, updated at KV-cache write time");
 }

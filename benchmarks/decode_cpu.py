@@ -1,0 +1,235 @@
+"""Kernel-level CPU decode attention: CPU_ATTN vs TOPT (sparsity off) vs TOPT (calibrated).
+
+    python benchmarks/capture_qkv.py --model models/Qwen2.5-Coder-0.5B-Instruct \
+        --contexts 1024 4096 16384 --out .cache/captures/qwen2.5-coder-0.5b-16k.pt
+    python benchmarks/decode_cpu.py --capture .cache/captures/qwen2.5-coder-0.5b-16k.pt \
+        --thresholds configs/qwen2.5-coder-0.5b-instruct.k32.post-softmax.json
+
+Real K/V/Q captured from the model on held-out text are written with vLLM's own
+cache-write op into one paged cache per layer (shuffled physical blocks, as a
+long-running server's allocator leaves them), for each context length and
+batch size. Batch row i holds the first `context - i` tokens and decodes the
+query captured at that position. One timed "step" runs attention for every
+layer in turn, so the working set is the whole model's KV cache, not one
+layer's sitting in the last-level cache. All three paths read the same cache in
+the same run; the table gives the median step time, the ratio to CPU_ATTN, the
+densities TOPT achieved (SPEC §7) and its deviation from dense attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from vllm import _custom_ops as ops
+
+from vllm_topt.cpu_kernel import topt_decode_paged_cpp, update_v_block_sums_cpp
+from vllm_topt.reference import DensityCounts, ToptRule
+from vllm_topt.thresholds import LayerThresholds, load_threshold_file
+
+ISA = "vec"  # vLLM's CPU attention ISA for float32 caches with 32-multiple blocks on x86
+
+
+@dataclass
+class LayerCache:
+    key_cache: torch.Tensor  # [num_blocks, H_kv, bs, d] views of one CPU cache tensor
+    value_cache: torch.Tensor
+    v_block_sums: torch.Tensor
+    query: torch.Tensor  # [B, H, d]
+
+
+@dataclass
+class Batch:
+    layers: list[LayerCache]
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    scheduler_metadata: torch.Tensor
+    query_start_loc: torch.Tensor
+
+
+def build_batch(capture: dict, context: int, batch: int, block_size: int, seed: int = 0) -> Batch:
+    """Paged caches (one per layer) for `batch` sequences of `context - i` tokens."""
+    k_all, v_all = capture["k"], capture["v"]  # [L, T, H_kv, d]
+    L, _, H_kv, d = k_all.shape
+    q = capture["q"][context][:, :batch]  # [L, B, H, d]
+    H = q.shape[2]
+    seq_lens = torch.tensor([context - i for i in range(batch)], dtype=torch.int32)
+    blocks_per_seq = [math.ceil(int(n) / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq)
+    physical = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    block_table = torch.zeros(batch, max(blocks_per_seq), dtype=torch.int32)
+    slots = []
+    start = 0
+    for i, nb in enumerate(blocks_per_seq):
+        ids = physical[start : start + nb]
+        start += nb
+        block_table[i, :nb] = ids.to(torch.int32)
+        pos = torch.arange(int(seq_lens[i]))
+        slots.append(ids[pos // block_size] * block_size + pos % block_size)
+    layers = []
+    for layer in range(L):
+        cache = torch.empty(num_blocks, H_kv, 2 * block_size, d)
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        sums = torch.zeros(num_blocks, H_kv, d)
+        for i in range(batch):
+            n = int(seq_lens[i])
+            k, v = k_all[layer, :n].contiguous(), v_all[layer, :n].contiguous()
+            ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots[i], ISA,
+                                           k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+            update_v_block_sums_cpp(sums, v, slots[i], block_size)
+        layers.append(LayerCache(key_cache, value_cache, sums, q[layer].contiguous()))
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
+    meta = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=batch, num_heads=H, num_kv_heads=H_kv, head_dim=d, seq_lens=seq_lens, dtype=torch.float32,
+        query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=ISA, enable_kv_split=True,
+    )
+    return Batch(layers, block_table, seq_lens, meta, query_start_loc)
+
+
+def dense_step(batch: Batch, scale: float, outputs: list[torch.Tensor]) -> None:
+    """CPU_ATTN's decode call (as `CPUAttentionBackendImpl.forward` makes it), every layer."""
+    for layer, out in zip(batch.layers, outputs):
+        ops.cpu_attention_with_kv_cache(
+            query=layer.query, key_cache=layer.key_cache, value_cache=layer.value_cache, output=out,
+            query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens, scale=scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=batch.block_table, softcap=0.0,
+            scheduler_metadata=batch.scheduler_metadata, s_aux=None,
+        )
+
+
+def topt_step(batch: Batch, scale: float, rules, tables, outputs: list[torch.Tensor]) -> DensityCounts:
+    """TOPT's decode call (as `ToptCpuImpl._decode` makes it), every layer."""
+    total = DensityCounts()
+    for layer, rule, table, out in zip(batch.layers, rules, tables, outputs):
+        theta = None if table is None else table.lookup_memoised(batch.seq_lens)
+        result, counts = topt_decode_paged_cpp(
+            layer.query, layer.key_cache, layer.value_cache, batch.block_table, batch.seq_lens, theta, rule,
+            scale, v_block_sums=layer.v_block_sums,
+        )
+        out.copy_(result)
+        total.add(counts)
+    return total
+
+
+def time_steps(fn, repeats: int) -> float:
+    fn()  # warm-up (first touch, lazy tables)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layer_rules(path: str | None, num_layers: int, num_heads: int):
+    """(rules, tables) per layer from a threshold file; dense rules when none is given."""
+    if path is None:
+        return [ToptRule(dense=True)] * num_layers, [None] * num_layers, None
+    f = load_threshold_file(path)
+    if len(f.thresholds) != num_layers or len(f.thresholds[0]) != num_heads:
+        raise SystemExit(f"{path} is for {len(f.thresholds)} layers x {len(f.thresholds[0])} heads, "
+                         f"the capture has {num_layers} x {num_heads}: pass the capture's model's file")
+    rules, tables = [], []
+    for layer in range(num_layers):
+        dense = f.is_dense_layer(layer)
+        rules.append(ToptRule(f.placement, f.compensation.sdc, f.compensation.vmc, f.k_for_layer(layer), dense))
+        tables.append(None if dense else LayerThresholds(f.n_grid, f.thresholds[layer], f.placement))
+    return rules, tables, f
+
+
+def relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    num = sum(float((o - r).norm() ** 2) for o, r in zip(outs, refs))
+    den = sum(float(r.norm() ** 2) for r in refs)
+    return math.sqrt(num / den)
+
+
+def run(args) -> list[dict]:
+    capture = torch.load(args.capture)
+    L, _, H_kv, d = capture["k"].shape
+    H = capture["q"][capture["contexts"][0]].shape[2]
+    scale = capture["scale"]
+    rules, tables, file = layer_rules(args.thresholds, L, H)
+    dense_rules = [ToptRule(dense=True)] * L
+    contexts = args.contexts or capture["contexts"]
+    rows = []
+    cases = [(c, b) for c in contexts for b in args.batch]
+    for context, bsz in tqdm(cases, desc="cases", unit="case"):
+        batch = build_batch(capture, context, bsz, args.block_size)
+        out_dense = [torch.empty(bsz, H, d) for _ in range(L)]
+        out_off = [torch.empty(bsz, H, d) for _ in range(L)]
+        out_topt = [torch.empty(bsz, H, d) for _ in range(L)]
+        t_dense = time_steps(functools.partial(dense_step, batch, scale, out_dense), args.repeats)
+        t_off = time_steps(functools.partial(topt_step, batch, scale, dense_rules, [None] * L, out_off), args.repeats)
+        t_topt = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt), args.repeats)
+        counts = topt_step(batch, scale, rules, tables, out_topt)
+        kv_bytes = sum(layer.key_cache.element_size() for layer in batch.layers) * int(batch.seq_lens.sum()) * H_kv * d
+        rows.append({
+            "context": context, "batch": bsz, "block_size": args.block_size,
+            "cpu_attn_ms": 1e3 * t_dense, "topt_off_ms": 1e3 * t_off, "topt_ms": 1e3 * t_topt,
+            "speedup_topt": t_dense / t_topt, "speedup_topt_off": t_dense / t_off,
+            "element_density": counts.element_density, "v_row_density": counts.v_row_density,
+            "v_block_density": counts.v_block_density, "kept_over_k": counts.kept_over_k,
+            "rel_err_topt_off": relative_error(out_off, out_dense),
+            "rel_err_topt": relative_error(out_topt, out_dense),
+            "kv_cache_mb": 2 * kv_bytes / 2**20,
+        })
+    return rows, file
+
+
+def print_table(rows: list[dict], header: str) -> None:
+    print(header)
+    cols = ("ctx", "B", "CPU_ATTN ms", "TOPT off ms", "TOPT ms", "TOPT x", "off x", "elem %", "V row %",
+            "V blk %", "kept/k", "err off", "err TOPT")
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    for r in rows:
+        kk = "-" if r["kept_over_k"] is None else f"{r['kept_over_k']:.2f}"
+        print(" | ".join([
+            str(r["context"]), str(r["batch"]), f"{r['cpu_attn_ms']:.2f}", f"{r['topt_off_ms']:.2f}",
+            f"{r['topt_ms']:.2f}", f"{r['speedup_topt']:.2f}", f"{r['speedup_topt_off']:.2f}",
+            f"{100 * r['element_density']:.1f}", f"{100 * r['v_row_density']:.1f}",
+            f"{100 * r['v_block_density']:.1f}", kk, f"{r['rel_err_topt_off']:.1e}", f"{r['rel_err_topt']:.3f}",
+        ]))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--capture", required=True, help="file written by benchmarks/capture_qkv.py")
+    parser.add_argument("--thresholds", default=None, help="the captured model's threshold file")
+    parser.add_argument("--contexts", type=int, nargs="*", default=None, help="default: the capture's")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, file = run(args)
+    model = file.model.name if file else Path(args.capture).stem
+    header = (f"\n{model}: decode attention, all layers per step, median of {args.repeats}; "
+              f"{torch.get_num_threads()} threads; TOPT x = CPU_ATTN time / TOPT time; "
+              f"err = relative L2 deviation from CPU_ATTN's output")
+    print_table(rows, header)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": model, "threads": torch.get_num_threads(),
+                                               "thresholds": args.thresholds, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
