@@ -58,6 +58,7 @@ class Batch:
     seq_lens: torch.Tensor
     scheduler_metadata: torch.Tensor
     query_start_loc: torch.Tensor
+    max_seq_len: int
 
 
 def build_batch(capture: dict, context: int, batch: int, block_size: int, seed: int = 0) -> Batch:
@@ -96,7 +97,7 @@ def build_batch(capture: dict, context: int, batch: int, block_size: int, seed: 
         num_reqs=batch, num_heads=H, num_kv_heads=H_kv, head_dim=d, seq_lens=seq_lens, dtype=torch.float32,
         query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=ISA, enable_kv_split=True,
     )
-    return Batch(layers, block_table, seq_lens, meta, query_start_loc)
+    return Batch(layers, block_table, seq_lens, meta, query_start_loc, int(seq_lens.max()))
 
 
 def dense_step(batch: Batch, scale: float, outputs: list[torch.Tensor]) -> None:
@@ -114,12 +115,11 @@ def topt_step(batch: Batch, scale: float, rules, tables, outputs: list[torch.Ten
     """TOPT's decode call (as `ToptCpuImpl._decode` makes it), every layer."""
     total = DensityCounts()
     for layer, rule, table, out in zip(batch.layers, rules, tables, outputs):
-        theta = None if table is None else table.lookup_memoised(batch.seq_lens)
-        result, counts = topt_decode_paged_cpp(
-            layer.query, layer.key_cache, layer.value_cache, batch.block_table, batch.seq_lens, theta, rule,
-            scale, v_block_sums=layer.v_block_sums,
+        by_length = None if table is None else table.table_upto(batch.max_seq_len)
+        _, counts = topt_decode_paged_cpp(
+            layer.query, layer.key_cache, layer.value_cache, batch.block_table, batch.seq_lens, None, rule,
+            scale, v_block_sums=layer.v_block_sums, out=out, theta_by_length=by_length,
         )
-        out.copy_(result)
         total.add(counts)
     return total
 

@@ -226,3 +226,25 @@ def test_cpp_v_block_sums_match_torch(dtype):
         update_v_block_sums(expected, value, slots, bs)
         update_v_block_sums_cpp(actual, value, slots, bs)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_threshold_table_by_length_matches_per_row():
+    """The backend's path: θ looked up inside the kernel from a per-length table."""
+    from vllm_topt.thresholds import LayerThresholds
+
+    rule = ToptRule("post-softmax", "none", True, k=8)
+    lengths = [5, 40, 150, 97]
+    keys, values = random_sequences(lengths, 2, 64, seed=18)
+    query = torch.randn(len(lengths), 6, 64, generator=torch.Generator().manual_seed(19)) * 2
+    batch = build_paged_batch(keys, values, 32)
+    table = LayerThresholds([9, 40, 160], [[0.08, 0.03, 0.01]] * 6, "post-softmax")
+    args = (query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens)
+    per_row, rc = topt_decode_paged_cpp(*args, table.lookup_memoised(batch.seq_lens), rule, 0.125,
+                                        v_block_sums=batch.v_block_sums)
+    by_length, bc = topt_decode_paged_cpp(*args, None, rule, 0.125, v_block_sums=batch.v_block_sums,
+                                          theta_by_length=table.table_upto(150))
+    assert bc == rc and bc.elements_kept < bc.elements_visible
+    torch.testing.assert_close(by_length, per_row, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="theta table shorter"):
+        topt_decode_paged_cpp(*args, None, rule, 0.125, v_block_sums=batch.v_block_sums,
+                              theta_by_length=table.table_upto(150)[:100])

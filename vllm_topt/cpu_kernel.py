@@ -47,19 +47,25 @@ def topt_decode_paged_cpp(
     v_block_sums: torch.Tensor | None = None,
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    theta_by_length: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DensityCounts]:
     """Same contract as `cpu_decode.topt_decode_paged`; `out` ([B, H, d] contiguous float32) is
-    written in place when given, and returned (as the query's dtype)."""
+    written in place when given, and returned (as the query's dtype). Instead of per-row
+    `theta`, the kernel can look thresholds up itself in `theta_by_length` ([N > max n, H]
+    float32, `LayerThresholds.table`), which saves the per-layer torch ops of a lookup."""
     if key_layout != KEY_LAYOUT_TRANSPOSED:
         raise NotImplementedError("the C++ kernel reads the transposed K layout of vLLM's 'vec' CPU ISA")
-    sparse = not rule.dense and theta is not None
+    sparse = not rule.dense and (theta is not None or theta_by_length is not None)
     if sparse and rule.vmc and v_block_sums is None:
         raise ValueError("VMC needs per-block V sums (v_block_sums)")
     B, H, d = query.shape
     out = torch.empty(B, H, d) if out is None else out
+    by_length = theta_by_length is not None
+    if sparse:
+        theta = theta_by_length if by_length else theta.float().contiguous()
     totals = load_extension().topt_decode(
-        out, query, key_cache, value_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
-        theta.float().contiguous() if sparse else _EMPTY, v_block_sums if (sparse and rule.vmc) else _EMPTY,
+        out, query, key_cache, value_cache, _int32(block_table), _int32(seq_lens),
+        theta if sparse else _EMPTY, by_length, v_block_sums if (sparse and rule.vmc) else _EMPTY,
         rule.k, PLACEMENT_CODES[rule.placement], SDC_CODES[rule.sdc], rule.vmc, float(scale),
         float(logits_soft_cap or 0.0),
     )
@@ -88,6 +94,10 @@ def update_v_block_sums_cpp(
 
 
 _EMPTY = torch.empty(0)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
 if __name__ == "__main__":

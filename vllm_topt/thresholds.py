@@ -300,11 +300,14 @@ class LayerThresholds:
 
     def lookup_memoised(self, n: torch.Tensor) -> torch.Tensor:
         """`lookup` as float32 from a per-length table, grown by doubling (the decode hot path)."""
-        n_max = int(n.max())
+        return self.table_upto(int(n.max()))[n.long()]
+
+    def table_upto(self, n_max: int) -> torch.Tensor:
+        """θ for every length 0..N-1 (N > n_max) as a float32 [N, H] table, grown by doubling."""
         if self._memo is None or self._memo.shape[0] <= n_max:
             size = 1 << max(n_max, 1023).bit_length()
-            self._memo = self.lookup(torch.arange(size)).float()
-        return self._memo[n.long()]
+            self._memo = self.lookup(torch.arange(size)).float().contiguous()
+        return self._memo
 
     def lookup(self, n: torch.Tensor) -> torch.Tensor:
         """θ for row lengths n ([R] ints) -> [R, H] float64."""

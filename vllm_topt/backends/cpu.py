@@ -209,12 +209,25 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
             self._key_layout = probe_key_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
         cfg: ToptLayerConfig = self.topt.for_layer(self._layer_index)
         seq_lens = meta.topt_decode_seq_lens
-        theta = None if cfg.rule.dense else cfg.thresholds.lookup_memoised(seq_lens)
-        out, counts = self._decode_impl(
-            query, key_cache, value_cache, meta.topt_decode_block_table, seq_lens, theta, cfg.rule,
-            self.scale, self._key_layout, self._v_block_sums, self.logits_soft_cap or None,
-        )
-        output.view(out.shape).copy_(out)
+        table = meta.topt_decode_block_table
+        if self._decode_impl is topt_decode_paged_cpp:
+            # The C++ kernel looks θ up by row length itself and writes the layer's output in place.
+            by_length = None if cfg.rule.dense else cfg.thresholds.table_upto(meta.max_seq_len)
+            direct = output.dtype == torch.float32 and output.is_contiguous()
+            out, counts = topt_decode_paged_cpp(
+                query, key_cache, value_cache, table, seq_lens, None, cfg.rule, self.scale, self._key_layout,
+                self._v_block_sums, self.logits_soft_cap or None,
+                out=output.view(query.shape) if direct else None, theta_by_length=by_length,
+            )
+            if not direct:
+                output.view(out.shape).copy_(out)
+        else:
+            theta = None if cfg.rule.dense else cfg.thresholds.lookup_memoised(seq_lens)
+            out, counts = topt_decode_paged(
+                query, key_cache, value_cache, table, seq_lens, theta, cfg.rule, self.scale, self._key_layout,
+                self._v_block_sums, self.logits_soft_cap or None,
+            )
+            output.view(out.shape).copy_(out)
         telemetry.record(self._layer_index, counts)
         if self._layer_index == self.topt.last_layer:  # once per step, after every layer counted
             telemetry.maybe_report(self.topt.options.telemetry_interval_s, logger, self.topt.stats_file)

@@ -243,7 +243,8 @@ struct Problem {
   const T* value_cache;
   const int32_t* block_table;
   const int32_t* seq_lens;
-  const float* theta;  // [B, H] or null
+  const float* theta;  // [B, H], or [N, H] indexed by row length (theta_by_length), or null
+  bool theta_by_length;
   const bool* sparse;  // [B]: the threshold applies to this row
   const float* v_block_sums;  // [num_blocks, H_kv, d] or null
   int64_t table_stride, cache_block_stride, cache_head_stride, sums_block_stride;
@@ -263,6 +264,9 @@ struct Problem {
     return scores + (seq_block_offset[b] * bs * Hkv + h * nbbs) * G + g * nbbs;
   }
   bool thresholded(int64_t b) const { return sparse[b]; }
+  float threshold(int64_t b, int64_t head) const {
+    return theta[(theta_by_length ? seq_lens[b] : b) * H + head];
+  }
 };
 
 struct Task {
@@ -334,7 +338,7 @@ HeadState combine_head(const Problem<T>& P, int64_t b, int64_t h, int64_t g, con
   }
   float bound = kNegInf;  // dense rows keep every element
   if (P.thresholded(b)) {
-    const float th = P.theta[b * P.H + h * P.G + g];
+    const float th = P.threshold(b, h * P.G + g);
     if (P.placement == kPreSoftmax) bound = th;
     else if (th > 0.f) bound = mx + std::log(th * sum);  // p > θ  <=>  s > M + ln(θ S)
   }
@@ -503,7 +507,7 @@ void run(Problem<T>& P) {
           float dropped_mass = 0.f;
           if (P.sdc == kSdcExact) dropped_mass = hs.sum - kept_exp;
           else if (P.sdc == kSdcExpThreshold)
-            dropped_mass = static_cast<float>(n - kept) * std::exp(P.theta[b * P.H + h * G + g] - hs.max);
+            dropped_mass = static_cast<float>(n - kept) * std::exp(P.threshold(b, h * G + g) - hs.max);
           denom = std::max(kept_exp + dropped_mass, std::numeric_limits<float>::min());
         }
         const float inv = 1.f / denom;
@@ -533,12 +537,13 @@ float* score_scratch(int64_t floats) {
 // Top-θ decode for B sequences, one query each. Writes out [B, H, d] (float32,
 // contiguous) and returns the batch totals: kept elements, V rows read, V
 // blocks read, kept in thresholded rows, keys (Σ n), blocks (Σ ceil(n / bs)),
-// thresholded sequences. theta: [B, H] float32, or empty for dense; a
+// thresholded sequences. theta: float32, [B, H] per row or, with
+// theta_by_length, [N > max n, H] per row length; empty for dense. A
 // sequence is thresholded when theta is given and n > k.
 std::vector<int64_t> topt_decode(
     torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-    torch::Tensor block_table, torch::Tensor seq_lens, torch::Tensor theta, torch::Tensor v_block_sums,
-    int64_t k, int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
+    torch::Tensor block_table, torch::Tensor seq_lens, torch::Tensor theta, bool theta_by_length,
+    torch::Tensor v_block_sums, int64_t k, int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous(), "out: contiguous float32");
   TORCH_CHECK(key_cache.stride(3) == 1 && key_cache.stride(2) == key_cache.size(3), "K block must be dense");
   TORCH_CHECK(block_table.dtype() == torch::kInt32 && seq_lens.dtype() == torch::kInt32, "int32 tables");
@@ -555,6 +560,7 @@ std::vector<int64_t> topt_decode(
   for (int64_t b = 0; b < B; ++b) {
     block_offsets[b + 1] = block_offsets[b] + (lens[b] + bs - 1) / bs;
     sparse[b] = theta.numel() > 0 && lens[b] > k;
+    TORCH_CHECK(!theta_by_length || theta.numel() == 0 || lens[b] < theta.size(0), "theta table shorter than row ", lens[b]);
     totals[4] += lens[b];
     totals[6] += sparse[b];
   }
@@ -569,6 +575,7 @@ std::vector<int64_t> topt_decode(
     P.block_table = block_table.data_ptr<int32_t>();
     P.seq_lens = lens;
     P.theta = theta.numel() ? theta.data_ptr<float>() : nullptr;
+    P.theta_by_length = theta_by_length;
     P.sparse = sparse.get();
     P.v_block_sums = v_block_sums.numel() ? v_block_sums.data_ptr<float>() : nullptr;
     P.table_stride = block_table.stride(0);
