@@ -1,4 +1,4 @@
-"""Registration and platform selection (no engine): CPU honours TOPT, CUDA refuses clearly."""
+"""Registration and platform selection (no engine): CPU honours TOPT; CUDA resolves its Triton backend."""
 
 from __future__ import annotations
 
@@ -40,14 +40,71 @@ def test_cpu_platform_selects_topt_and_keeps_others(member):
         CpuPlatform.get_attn_backend_cls(member, selector(use_mla=True))
 
 
-def test_cuda_backend_refuses_with_reason(member, monkeypatch):
-    """What CudaPlatform.get_attn_backend_cls does with a selected backend (its module
-    cannot be imported with the CPU wheel): resolve the class, ask validate_configuration."""
-    from vllm.platforms.interface import DeviceCapability
+def cuda_backend_class(member, monkeypatch):
+    """What CudaPlatform.get_attn_backend_cls resolves for a selected backend (its module
+    cannot be imported with the CPU wheel); it then asks validate_configuration."""
     from vllm.v1.attention.backends import registry
 
     monkeypatch.setitem(registry._ATTN_OVERRIDES, member, plugin.CUDA_BACKEND_PATH)
-    backend_class = member.get_class()
-    assert backend_class.get_name() == "TOPT"
-    reasons = backend_class.validate_configuration(device_capability=DeviceCapability(9, 0), **selector()._asdict())
-    assert reasons and "TOPT's CUDA decode kernel is not available" in reasons[0]
+    return member.get_class()
+
+
+def test_cuda_backend_accepts_supported_configurations(member, monkeypatch):
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    backend = cuda_backend_class(member, monkeypatch)
+    assert backend.get_name() == "TOPT"
+    for head_size, dtype, block_size in [(128, torch.bfloat16, 16), (64, torch.float16, 32), (256, torch.float32, 64)]:
+        config = selector()._replace(head_size=head_size, dtype=dtype, block_size=block_size)
+        assert backend.validate_configuration(device_capability=DeviceCapability(9, 0), **config._asdict()) == []
+    assert backend.get_builder_cls()._cudagraph_support == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert backend.get_builder_cls().reorder_batch_threshold == 1
+
+
+def test_cuda_backend_refuses_what_its_kernel_cannot_do(member, monkeypatch):
+    from vllm.platforms.interface import DeviceCapability
+
+    backend = cuda_backend_class(member, monkeypatch)
+
+    def reasons(capability=(9, 0), **overrides):
+        config = selector()._replace(**overrides)._asdict()
+        return backend.validate_configuration(device_capability=DeviceCapability(*capability), **config)
+
+    assert "head_size not supported" in reasons(head_size=80)
+    assert "kv_cache_dtype not supported" in reasons(kv_cache_dtype="fp8")
+    assert "block_size not supported" in reasons(block_size=8)
+    assert "sliding window not supported" in reasons(has_sliding_window=True)
+    assert "attention sinks not supported" in reasons(has_sink=True)
+    assert "MLA not supported" in reasons(use_mla=True)
+    assert "KV connector not supported" in reasons(use_kv_connector=True)
+    assert "compute capability not supported" in reasons(capability=(7, 5))
+
+
+def test_cuda_prefill_part_of_a_mixed_batch():
+    """The TRITON_ATTN metadata TOPT hands the parent for the requests after the decodes."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata
+
+    from vllm_topt.backends.cuda import _prefill_part
+
+    # Two decodes, then prefills of 5 and 3 tokens.
+    qsl = torch.tensor([0, 1, 2, 7, 10], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 9, 5, 20], dtype=torch.int32)
+    table = torch.arange(16, dtype=torch.int32).view(4, 4)
+    slots = torch.arange(10)
+    cam = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=4, num_actual_tokens=10,
+        max_query_len=5, max_seq_len=40, block_table_tensor=table, slot_mapping=slots,
+    )
+    empty = torch.empty(0)
+    full = TritonAttentionMetadata(
+        num_actual_tokens=10, max_query_len=5, query_start_loc=qsl, max_seq_len=40, seq_lens=seq_lens,
+        block_table=table, slot_mapping=slots, seq_threshold_3D=8, num_par_softmax_segments=16,
+        softmax_segm_output=empty, softmax_segm_max=empty, softmax_segm_expsum=empty, causal=True,
+    )
+    part = _prefill_part(full, cam, num_decodes=2, num_decode_tokens=2)
+    assert part.num_actual_tokens == 8 and part.max_query_len == 5
+    assert part.query_start_loc.tolist() == [0, 5, 8]
+    assert part.seq_lens.tolist() == [5, 20]
+    assert torch.equal(part.block_table, table[2:]) and torch.equal(part.slot_mapping, slots[2:])

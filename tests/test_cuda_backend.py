@@ -1,0 +1,181 @@
+"""The CUDA backend's glue, run on CPU: decode routing, KV-write V sums, counters, batch split.
+
+vLLM's CUDA ops cannot run with the CPU build, so the parent's KV write is
+replaced by the torch scatter with reshape_and_cache_flash's semantics, the
+Triton kernels run in the interpreter, and the engine config is a stub.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.interpret import interpreter_env, load_interpreted
+from vllm_topt import telemetry
+from vllm_topt.kernels import paged
+from vllm_topt.layer_state import ToptLayerConfig
+from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
+from vllm_topt.thresholds import LayerThresholds
+
+td, cuda_backend = load_interpreted("vllm_topt.kernels.triton_decode", "vllm_topt.backends.cuda")
+
+H, H_KV, D, BS = 4, 2, 64, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with interpreter_env():
+        yield
+
+
+@pytest.fixture
+def topt(monkeypatch):
+    rule = ToptRule("post-softmax", "none", True, k=8)
+    values = [[0.08, 0.03, 0.012], [0.06, 0.02, 0.01], [0.1, 0.04, 0.02], [0.05, 0.02, 0.008]]
+    config = SimpleNamespace(
+        for_layer=lambda layer: ToptLayerConfig(rule, LayerThresholds([8, 64, 256], values, "post-softmax")),
+        first_layer=0, last_layer=0, options=SimpleNamespace(telemetry_interval_s=0.0), stats_file=None,
+    )
+    vllm_config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_seqs=4), compilation_config=SimpleNamespace(cudagraph_capture_sizes=[])
+    )
+    monkeypatch.setattr(cuda_backend, "build_layer_config", lambda cfg, heads: config)
+    monkeypatch.setattr(cuda_backend, "get_current_vllm_config", lambda: vllm_config)
+
+    def cache_write(self, layer, key, value, kv_cache, slot_mapping):  # reshape_and_cache_flash's semantics
+        paged.write_kv(key, value, *paged.kv_cache_views(kv_cache, self.head_size), slot_mapping)
+
+    monkeypatch.setattr(cuda_backend.TritonAttentionImpl, "do_kv_cache_update", cache_write)
+    telemetry.reset()
+    yield config
+    telemetry.reset()
+
+
+def decode_metadata(seq_lens, block_table, scratch, num_segments=2):
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata
+
+    B = len(seq_lens)
+    qsl = torch.arange(B + 1, dtype=torch.int32)
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    empty = torch.empty(0)
+    base = TritonAttentionMetadata(
+        num_actual_tokens=B, max_query_len=1, query_start_loc=qsl, max_seq_len=int(seq_lens.max()),
+        seq_lens=seq_lens, block_table=block_table, slot_mapping=torch.arange(B), seq_threshold_3D=8,
+        num_par_softmax_segments=16, softmax_segm_output=empty, softmax_segm_max=empty, softmax_segm_expsum=empty,
+        causal=True,
+    )
+    return cuda_backend.ToptCudaMetadata(
+        **{f: getattr(base, f) for f in base.__dataclass_fields__},
+        topt_num_decodes=B, topt_num_decode_tokens=B, topt_decode_seq_lens=seq_lens, topt_decode_block_table=block_table,
+        topt_num_segments=num_segments, topt_scratch=scratch, topt_theta=torch.zeros(4, H), topt_prefill=None,
+    )
+
+
+def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt):
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
+    lengths = [5, 40, 70]
+    gen = torch.Generator().manual_seed(0)
+    pages = [math.ceil(n / BS) for n in lengths]
+    kv_cache = paged.allocate_kv_cache(sum(pages) + 2, BS, H_KV, D, torch.float32, generator=gen)
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", kv_cache=kv_cache)
+    physical = torch.randperm(sum(pages) + 2, generator=gen)
+    block_table = torch.zeros(3, max(pages), dtype=torch.int32)
+    keys, values, start = [], [], 0
+    for i, n in enumerate(lengths):
+        ids = physical[start : start + pages[i]]
+        start += pages[i]
+        block_table[i, : len(ids)] = ids
+        k, v = torch.randn(n, H_KV, D, generator=gen), torch.randn(n, H_KV, D, generator=gen)
+        for lo, hi in [(0, n - 2), (n - 2, n - 1), (n - 1, n)]:  # a prefill chunk, then decode writes
+            impl.do_kv_cache_update(layer, k[lo:hi], v[lo:hi], kv_cache, paged.sequence_slots(ids, hi, BS, lo).int())
+        keys.append(k)
+        values.append(v)
+
+    state = impl._state
+    assert state.v_block_sums is not None
+    for i, v in enumerate(values):
+        for j in range(pages[i]):
+            torch.testing.assert_close(state.v_block_sums[block_table[i, j]], v[j * BS : (j + 1) * BS].sum(0),
+                                       atol=1e-4, rtol=1e-5)
+
+    query = torch.randn(3, H, D, generator=gen)
+    scratch = td.ToptScratch.allocate(4, H, H_KV, D, max(pages), capacity=8, device="cpu")
+    meta = decode_metadata(lengths, block_table, scratch)
+    output = torch.full((3, H, D), float("nan"))
+    impl.forward(layer, query, query, query, kv_cache, meta, output)
+
+    thresholds = topt.for_layer(0).thresholds.lookup(torch.tensor(lengths)).float()
+    ref_counts = DensityCounts()
+    for i in range(3):
+        ref, counts = topt_attention_reference(query[i], keys[i], values[i], thresholds[i], topt.for_layer(0).rule,
+                                               0.3, BS)
+        torch.testing.assert_close(output[i], ref, atol=2e-5, rtol=1e-4)
+        ref_counts.add(counts)
+    assert ref_counts.elements_kept < ref_counts.elements_visible
+    # Telemetry reads the device counters once per interval (0 here: every step), then zeroes them.
+    assert telemetry.snapshot()[0] == ref_counts
+    assert int(state.counters.sum()) == 0
+
+
+def builder_stub(max_decodes=8):
+    builder = cuda_backend.ToptCudaMetadataBuilder.__new__(cuda_backend.ToptCudaMetadataBuilder)
+    builder.layer_names = []
+    builder.vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context={}))
+    builder.max_decodes = max_decodes
+    builder.topt_segments = {b: td.choose_num_segments(b, H_KV) for b in range(1, max_decodes + 1)}
+    builder.topt_scratch = td.ToptScratch.allocate(max_decodes, H, H_KV, D, 8, device="cpu")
+    builder.topt_theta = torch.zeros(max_decodes, H)
+    builder._prepared_cache_ptr = None
+    return builder
+
+
+def common_metadata(query_lens, seq_lens):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    B = len(query_lens)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=B,
+        num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        block_table_tensor=torch.arange(B * 8, dtype=torch.int32).view(B, 8), slot_mapping=torch.arange(int(qsl[-1])),
+    )
+
+
+@pytest.fixture
+def parent_build(monkeypatch):
+    from vllm.v1.attention.backends.triton_attn import (
+        TritonAttentionMetadata,
+        TritonAttentionMetadataBuilder,
+    )
+
+    def build(self, common_prefix_len, cam, fast_build=False):
+        empty = torch.empty(0)
+        return TritonAttentionMetadata(
+            num_actual_tokens=cam.num_actual_tokens, max_query_len=cam.max_query_len,
+            query_start_loc=cam.query_start_loc, max_seq_len=cam.max_seq_len, seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping, seq_threshold_3D=8,
+            num_par_softmax_segments=16, softmax_segm_output=empty, softmax_segm_max=empty,
+            softmax_segm_expsum=empty, causal=True,
+        )
+
+    monkeypatch.setattr(TritonAttentionMetadataBuilder, "build", build)
+
+
+def test_builder_splits_decodes_from_prefills(parent_build):
+    builder = builder_stub()
+    mixed = builder.build(0, common_metadata([1, 1, 5, 3], [40, 9, 5, 20]))
+    assert (mixed.topt_num_decodes, mixed.topt_num_decode_tokens) == (2, 2)
+    assert mixed.topt_decode_seq_lens.tolist() == [40, 9] and mixed.topt_decode_block_table.shape[0] == 2
+    assert mixed.topt_prefill.query_start_loc.tolist() == [0, 5, 8] and mixed.topt_prefill.num_actual_tokens == 8
+    assert mixed.topt_num_segments == builder.topt_segments[2]
+    decode_only = builder.build(0, common_metadata([1, 1, 1], [3, 4, 5]))
+    assert decode_only.topt_num_decodes == 3 and decode_only.topt_prefill is None
+    prefill_only = builder.build(0, common_metadata([4, 2], [4, 9]))
+    assert prefill_only.topt_num_decodes == 0 and prefill_only.topt_prefill.num_actual_tokens == 6
+    with pytest.raises(RuntimeError, match="decode requests first"):
+        builder.build(0, common_metadata([1, 4, 1], [3, 9, 5]))
+    with pytest.raises(RuntimeError, match="buffers sized for"):
+        builder_stub(max_decodes=2).build(0, common_metadata([1, 1, 1], [3, 4, 5]))
