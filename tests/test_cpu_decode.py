@@ -6,21 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.cases import RULES
 from tests.paged import build_paged_batch
 from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
 from vllm_topt.cpu_kernel import topt_decode_paged_cpp, update_v_block_sums_cpp
 from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
 
-RULES = [
-    ToptRule("post-softmax", "none", True, k=8),
-    ToptRule("post-softmax", "none", False, k=8),
-    ToptRule("pre-softmax", "exact", True, k=8),
-    ToptRule("pre-softmax", "exact", False, k=8),
-    ToptRule("pre-softmax", "exp-threshold", True, k=8),
-    ToptRule("pre-softmax", "none", False, k=8),
-    ToptRule("pre-softmax", "none", True, k=8),
-    ToptRule("post-softmax", "none", True, k=8, dense=True),
-]
 
 # Both fast paths, vectorised torch and the C++ kernel, must match the reference.
 IMPLEMENTATIONS = {"torch": topt_decode_paged, "cpp": topt_decode_paged_cpp}

@@ -160,20 +160,29 @@ def batch_density_counts(
 
     seq_lens: [B]; sparse_rows: [B] bool, the rows the threshold applied to.
     """
-    n_total, blocks_visible, n_sparse = torch.stack(
+    keys, blocks, thresholded_seqs = torch.stack(
         [seq_lens.sum(), ((seq_lens + bs - 1) // bs).sum(), sparse_rows.sum()]
     ).tolist()
+    return density_counts_from_totals(
+        seq_lens.shape[0], keys, blocks, thresholded_seqs, H, H_kv, k, kept, rows_read, blocks_read, kept_thresholded
+    )
+
+
+def density_counts_from_totals(
+    rows, keys, blocks, thresholded_seqs, H, H_kv, k, kept, rows_read, blocks_read, kept_thresholded
+) -> DensityCounts:
+    """SPEC §7 counts from batch totals: keys = Σ n, blocks = Σ ceil(n / bs)."""
     return DensityCounts(
-        rows=seq_lens.shape[0],
-        elements_visible=n_total * H,
+        rows=rows,
+        elements_visible=keys * H,
         elements_kept=kept,
-        v_rows_visible=n_total * H_kv,
+        v_rows_visible=keys * H_kv,
         v_rows_read=rows_read,
-        v_blocks_visible=blocks_visible * H_kv,
+        v_blocks_visible=blocks * H_kv,
         v_blocks_read=blocks_read,
-        thresholded_rows=n_sparse * H,
+        thresholded_rows=thresholded_seqs * H,
         thresholded_kept=kept_thresholded,
-        thresholded_target=n_sparse * H * k,
+        thresholded_target=thresholded_seqs * H * k,
     )
 
 

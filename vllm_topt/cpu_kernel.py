@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED
+from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, density_counts_from_totals
 from vllm_topt.reference import DensityCounts, ToptRule
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
@@ -70,18 +70,9 @@ def topt_decode_paged_cpp(
         float(logits_soft_cap or 0.0),
     )
     kept, rows_read, blocks_read, kept_thresholded, keys, blocks, thresholded_seqs = totals
-    H_kv = key_cache.shape[1]
-    counts = DensityCounts(
-        rows=B,
-        elements_visible=keys * H,
-        elements_kept=kept,
-        v_rows_visible=keys * H_kv,
-        v_rows_read=rows_read,
-        v_blocks_visible=blocks * H_kv,
-        v_blocks_read=blocks_read,
-        thresholded_rows=thresholded_seqs * H,
-        thresholded_kept=kept_thresholded,
-        thresholded_target=thresholded_seqs * H * rule.k,
+    counts = density_counts_from_totals(
+        B, keys, blocks, thresholded_seqs, H, key_cache.shape[1], rule.k, kept, rows_read, blocks_read,
+        kept_thresholded,
     )
     return out.to(query.dtype), counts
 

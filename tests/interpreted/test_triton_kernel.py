@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from tests.cases import RULES
 from tests.interpret import interpreter_env, load_interpreted
 from vllm_topt.kernels import paged
 from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
@@ -28,16 +29,6 @@ def triton_interpreter():
         yield
 
 
-RULES = [
-    ToptRule("post-softmax", "none", True, k=8),
-    ToptRule("post-softmax", "none", False, k=8),
-    ToptRule("pre-softmax", "exact", True, k=8),
-    ToptRule("pre-softmax", "exact", False, k=8),
-    ToptRule("pre-softmax", "exp-threshold", True, k=8),
-    ToptRule("pre-softmax", "none", False, k=8),
-    ToptRule("pre-softmax", "none", True, k=8),
-    ToptRule("post-softmax", "none", True, k=8, dense=True),
-]
 
 # bs=16: n <= k, exactly one block, one row past it, one short of three blocks,
 # five blocks (two kernel tiles of 64 tokens).
