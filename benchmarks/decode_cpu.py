@@ -6,8 +6,9 @@
         --thresholds configs/qwen2.5-coder-0.5b-instruct.k32.post-softmax.json
 
 Real K/V/Q captured from the model on held-out text are written with vLLM's own
-cache-write op into one paged cache per layer (shuffled physical blocks, as a
-long-running server's allocator leaves them), for each context length and
+cache-write op into one paged cache per layer (128-token pages by default;
+shuffled physical blocks, as a long-running server's allocator leaves them),
+for each context length and
 batch size. Batch row i holds the first `context - i` tokens and decodes the
 query captured at that position. One timed "step" runs attention for every
 layer in turn, so the working set is the whole model's KV cache, not one
@@ -211,7 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--thresholds", default=None, help="the captured model's threshold file")
     parser.add_argument("--contexts", type=int, nargs="*", default=None, help="default: the capture's")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=128, help="TOPT's and CPU_ATTN's default on CPU")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here")

@@ -14,7 +14,10 @@ logger = get_logger()
 BACKEND_NAME = "TOPT"
 CPU_BACKEND_PATH = "vllm_topt.backends.cpu.ToptCpuBackend"
 CUDA_BACKEND_PATH = "vllm_topt.backends.cuda.ToptCudaBackend"
-CPU_DEFAULT_BLOCK_SIZE = 32  # finer V-block skipping than CPU_ATTN's default 128
+# CPU_ATTN's default too. The C++ kernel reads V row by row, so a larger page
+# costs no extra V traffic, and K streams faster in longer runs (measured with
+# benchmarks/decode_cpu.py --block-size 32/64/128).
+CPU_DEFAULT_BLOCK_SIZE = 128
 
 _registered = False
 
