@@ -37,6 +37,8 @@ from vllm_topt.layer_state import ToptLayerConfig, build_layer_config
 
 logger = get_logger()
 
+CPP_MAX_BLOCK_SIZE = 256  # kMaxBlockSize in csrc/topt_cpu.cpp
+
 
 class ToptCpuBackend(CPUAttentionBackend):
     supported_kv_cache_dtypes = ["auto"]
@@ -82,6 +84,11 @@ class ToptCpuMetadataBuilder(CPUAttentionMetadataBuilder):
         # Fail at engine start, not at the first decode, if TOPT cannot read this cache.
         layout = probe_key_layout(self.isa, self.dtype, self.head_dim, self.block_size)
         kernel = build_layer_config(vllm_config, self.num_heads).options.cpu_kernel
+        if kernel == "cpp" and self.block_size > CPP_MAX_BLOCK_SIZE:
+            raise NotImplementedError(
+                f"TOPT's C++ kernel takes KV blocks of at most {CPP_MAX_BLOCK_SIZE} tokens, not {self.block_size}: "
+                "pass --block-size 128 (the default)."
+            )
         if kernel == "cpp" and layout != KEY_LAYOUT_TRANSPOSED:
             raise NotImplementedError(
                 f"TOPT's C++ kernel reads the transposed K layout, but attention ISA {self.isa!r} stores K "
