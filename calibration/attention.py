@@ -9,7 +9,14 @@ RoPE already applied by the model), then, depending on the session's mode:
   to its exact top-k so later layers see sparsified inputs (SPEC §6);
 - "apply": applies calibrated thresholds as serving does and counts kept
   elements per row (the held-out check);
+- "topk": keeps exactly the k largest elements of every row with n > k (the
+  paper's top-k baseline), with the same placement domain and compensation;
 - "dense": plain attention.
+
+In "apply" and "topk" modes the session also accumulates SPEC §7 density
+counts over every row, as decode telemetry counts them (`counts`, and
+`counts_by_layer`): rows with n <= k and dense layers count as fully kept,
+V rows are the GQA union, V blocks are pages of `block_size` tokens.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from vllm_topt.reference import ToptRule, kept_weights
+from vllm_topt.reference import DensityCounts, ToptRule, kept_weights
 from vllm_topt.thresholds import LayerThresholds
 
 ATTN_IMPL_NAME = "topt_calibrate"
@@ -42,6 +50,10 @@ class CalibrationSession:
     kept_rows: int = 0
     kept_by_layer: torch.Tensor = field(init=False)
     rows_by_layer: torch.Tensor = field(init=False)
+    # SPEC §7 density of every row ("apply" and "topk" modes), V pages of block_size tokens.
+    block_size: int = 32
+    counts: DensityCounts = field(init=False)
+    counts_by_layer: list[DensityCounts] = field(init=False)
 
     def __post_init__(self):
         shape = (self.num_layers, self.num_heads, self.max_len)
@@ -50,6 +62,8 @@ class CalibrationSession:
         self.value_count = torch.zeros(shape, dtype=torch.float64)
         self.kept_by_layer = torch.zeros(self.num_layers, dtype=torch.float64)
         self.rows_by_layer = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.counts = DensityCounts()
+        self.counts_by_layer = [DensityCounts() for _ in range(self.num_layers)]
 
 
 _session: CalibrationSession | None = None
@@ -79,15 +93,21 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
 
     if session.mode == "dense" or rule.dense:
         keep, weights = None, p
+        if session.mode in ("apply", "topk"):
+            _count_density(session, layer, None, rule, (B, H, key.shape[1], T))
     else:
         domain = p if rule.placement == "post-softmax" else scores
         if session.mode == "collect":
             keep, theta = _collect_and_cut(session, layer, rule, domain)
+        elif session.mode == "topk":
+            keep, theta = _topk_keep(domain, rule.k, causal)
+            _count_density(session, layer, keep, rule, (B, H, key.shape[1], T))
         else:
             theta = session.tables[layer].lookup(n).float().T[None].expand(B, H, T)  # [B, H, T]
             keep = domain > theta[..., None]
             keep[:, :, : rule.k] = causal[: rule.k]  # n <= k rows stay dense
             _count_kept(session, layer, keep, rule.k)
+            _count_density(session, layer, keep, rule, (B, H, key.shape[1], T))
         if keep is None:
             weights = p
         elif rule.placement == "post-softmax":
@@ -121,6 +141,58 @@ def _collect_and_cut(session, layer, rule, domain):
     keep = domain > kth1[..., None]
     keep[:, :, :k] = True  # n <= k rows stay dense (masked positions carry p = 0 / s = -inf)
     return keep, kth1
+
+
+def _topk_keep(domain, k, causal):
+    """Exactly the k largest elements of every row with n > k; rows with n <= k dense.
+
+    Returns the keep mask (None when every row is short) and the (k+1)-th
+    largest value per row, which stands in for θ in SDC "exp-threshold".
+    """
+    T = domain.shape[-1]
+    if T <= k:
+        return None, domain.amax(dim=-1)
+    values, index = torch.topk(domain, k + 1, dim=-1)
+    keep = torch.zeros(domain.shape, dtype=torch.bool).scatter_(-1, index[..., :k], True)
+    keep &= causal  # only if a visible element underflowed to p = 0 could top-k pick a masked one
+    keep[:, :, :k] = causal[:k]  # n <= k rows stay dense
+    return keep, values[..., k]
+
+
+def _count_density(session, layer, keep, rule, shape) -> None:
+    """SPEC §7 counts for one layer call over all T rows of B sequences.
+
+    shape = (B, H, H_kv, T); keep [B, H, T, T] (causal), or None when every
+    element is kept (dense layer, or every row has n <= k).
+    """
+    B, H, H_kv, T = shape
+    bs = session.block_size
+    triangle = T * (T + 1) // 2  # elements (or V rows) visible to rows n = 1..T
+    blocks_visible = sum((n + bs - 1) // bs for n in range(1, T + 1))
+    counts = DensityCounts(
+        rows=B * T,
+        elements_visible=B * H * triangle,
+        v_rows_visible=B * H_kv * triangle,
+        v_blocks_visible=B * H_kv * blocks_visible,
+    )
+    if keep is None:
+        counts.elements_kept = counts.elements_visible
+        counts.v_rows_read = counts.v_rows_visible
+        counts.v_blocks_read = counts.v_blocks_visible
+    else:
+        union = keep.view(B, H_kv, H // H_kv, T, T).any(dim=2)  # GQA union
+        pad = (-T) % bs
+        blocks = F.pad(union, (0, pad)).view(B, H_kv, T, (T + pad) // bs, bs).any(dim=-1)
+        counts.elements_kept = int(keep.sum())
+        counts.v_rows_read = int(union.sum())
+        counts.v_blocks_read = int(blocks.sum())
+    long_rows = max(T - rule.k, 0)  # rows with n > k, thresholded unless the layer is dense
+    if keep is not None and long_rows and not rule.dense:
+        counts.thresholded_rows = B * H * long_rows
+        counts.thresholded_kept = int(keep[:, :, rule.k :].sum())
+        counts.thresholded_target = counts.thresholded_rows * rule.k
+    session.counts.add(counts)
+    session.counts_by_layer[layer].add(counts)
 
 
 def _count_kept(session, layer, keep, k) -> None:
