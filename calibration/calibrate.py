@@ -147,6 +147,14 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     start = time.monotonic()
     config, tokenizer, model = load_model(args.model)
+    file, heldout = calibrate(args, config, tokenizer, model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(file.model_dump_json(indent=1) + "\n")
+    print_summary(file, heldout, args.out, time.monotonic() - start)
+
+
+def calibrate(args, config, tokenizer, model) -> tuple[ThresholdFile, dict]:
+    """Collect statistics on calibration text, build the file, check it on held-out text."""
     L, H = config.num_hidden_layers, config.num_attention_heads
     rules = layer_rules(args, L)
     if min(r.k for r in rules) >= args.seq_len:
@@ -178,12 +186,9 @@ def main(argv=None) -> None:
             topk_during_calibration=not args.no_topk_during_calibration,
         ),
     )
-
     heldout = heldout_check(model, tokenizer, file, rules, args)
     file.provenance.heldout = heldout  # type: ignore[attr-defined]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(file.model_dump_json(indent=1) + "\n")
-    print_summary(file, heldout, args.out, time.monotonic() - start)
+    return file, heldout
 
 
 def heldout_check(model, tokenizer, file: ThresholdFile, rules, args) -> dict:

