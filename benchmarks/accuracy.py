@@ -38,10 +38,11 @@ Tasks:
 
 humaneval and needle start one engine per backend (`--backends`, default
 CPU_ATTN TOPT), each in its own subprocess (one engine in memory at a time),
-and send all of a backend's prompts in one generate() call. TOPT writes its
-stats file after every decode step (`telemetry_interval_s` 0); the harness
-reads it after the run: attention-element, V-row and V-block (32-token pages)
-densities and kept/k over all decode rows. Note that vLLM computes the first
+and send all of a backend's prompts in one generate() call (needle: one call
+per prompt length). TOPT writes its stats file after every decode step
+(`telemetry_interval_s` 0); the harness reads it after each call:
+attention-element, V-row and V-block (the engine's KV pages, 128 tokens on
+CPU) densities and kept/k over all decode rows, and for needle per length. Note that vLLM computes the first
 generated token of each request in (dense) prefill; Top-θ applies from the
 second token on.
 """
@@ -318,21 +319,32 @@ def run_engine_child(spec: dict) -> dict:
     started = time.monotonic()
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], stop=spec.get("stop") or None)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    # Groups (needle: one per prompt length) run one after another, and TOPT's
+    # cumulative stats file is read after each, so densities come per group.
+    groups = spec.get("groups") or [list(range(len(prompts)))]
+    outputs, group_totals = [None] * len(prompts), []
+    for indices in groups:
+        for i, out in zip(indices, llm.generate([prompts[i] for i in indices], params, use_tqdm=True)):
+            outputs[i] = out
+        if spec["backend"] == "TOPT" and Path(spec["stats_file"]).exists():
+            group_totals.append(json.loads(Path(spec["stats_file"]).read_text())["total"])
     done = time.monotonic()
     return {
         "texts": [o.outputs[0].text for o in outputs],
         "generated_tokens": [len(o.outputs[0].token_ids) for o in outputs],
         "engine_start_s": started - start,
         "generate_s": done - started,
+        "group_totals": group_totals,
     }
 
 
-def run_engine(backend: str, args, prompts: list[list[int]], max_tokens: int, stop, log_dir: Path) -> dict:
+def run_engine(backend: str, args, prompts: list[list[int]], max_tokens: int, stop, log_dir: Path,
+               groups: list[list[int]] | None = None) -> dict:
     """Run one backend's engine in a subprocess; its outputs plus TOPT's stats file."""
     stats_file = log_dir / f"stats-{backend}.json"
     spec = {
         "backend": backend, "model": args.model, "thresholds": str(args.thresholds_path), "prompts": prompts,
+        "groups": groups,
         "max_tokens": max_tokens, "stop": stop, "stats_file": str(stats_file),
         "max_model_len": min(max(len(p) for p in prompts) + max_tokens + 8, args.max_model_len),
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -352,6 +364,30 @@ def run_engine(backend: str, args, prompts: list[list[int]], max_tokens: int, st
         if not stats_file.exists():
             sys.exit(f"TOPT wrote no stats file {stats_file} (log {log})")
         result["stats"] = json.loads(stats_file.read_text())
+    return result
+
+
+def length_groups(cases: list[dict]) -> list[list[int]]:
+    """Case indices per prompt length, shortest first."""
+    lengths = sorted({c["length"] for c in cases})
+    return [[i for i, c in enumerate(cases) if c["length"] == length] for length in lengths]
+
+
+def densities_by_group(labels: list, cumulative: list[dict]) -> dict:
+    """SPEC §7 densities per group from TOPT's cumulative totals read after each group."""
+    keys = ("rows", "elements_visible", "elements_kept", "v_rows_visible", "v_rows_read",
+            "v_blocks_visible", "v_blocks_read", "thresholded_kept", "thresholded_target")
+    result, before = {}, dict.fromkeys(keys, 0)
+    for label, total in zip(labels, cumulative):
+        d = {key: total[key] - before[key] for key in keys}
+        result[str(label)] = {
+            "decode_rows": d["rows"],
+            "element_density": d["elements_kept"] / max(d["elements_visible"], 1),
+            "v_row_density": d["v_rows_read"] / max(d["v_rows_visible"], 1),
+            "v_block_density": d["v_blocks_read"] / max(d["v_blocks_visible"], 1),
+            "kept_over_k": d["thresholded_kept"] / d["thresholded_target"] if d["thresholded_target"] else None,
+        }
+        before = total
     return result
 
 
@@ -414,11 +450,12 @@ def run_generation_task(args, tokenizer, file, path) -> list[dict]:
         cases = needle_cases(args.lengths, args.depths, args.limit, max_prompt, args.seed)
         haystack = tokenizer.encode(essays_text(), add_special_tokens=False)
         prompts = [needle_prompt_ids(tokenizer, haystack, case) for case in cases]
+    groups = length_groups(cases) if args.task == "needle" else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="topt-acc-") as tmp:
         for backend in tqdm(args.backends, desc=f"{args.task} backends", unit="engine"):
             start = time.monotonic()
-            out = run_engine(backend, args, prompts, max_tokens, stop, Path(tmp))
+            out = run_engine(backend, args, prompts, max_tokens, stop, Path(tmp), groups)
             if args.task == "humaneval":
                 scored = score_humaneval(problems, out["texts"], f"checking {backend}", style)
             else:
@@ -428,6 +465,9 @@ def run_generation_task(args, tokenizer, file, path) -> list[dict]:
                 row["prompt_style"] = style
             row |= {k: scored[k] for k in ("score_name", "score", "correct", "n")}
             row |= density_fields(out.get("stats"))
+            if groups and out.get("group_totals"):
+                row["by_length"] = densities_by_group(
+                    [cases[g[0]]["length"] for g in groups], out["group_totals"])
             row |= {"prompt_tokens": sum(map(len, prompts)), "generated_tokens": sum(out["generated_tokens"]),
                     "engine_start_s": out["engine_start_s"], "generate_s": out["generate_s"],
                     "wall_s": time.monotonic() - start, "cases": scored["cases"]}
@@ -480,6 +520,12 @@ def print_table(rows: list[dict], args, seconds: float) -> None:
         print(f"{r['backend']:<10} {s:>10} {diff:>9} {100 * r['element_density']:>8.1f}% "
               f"{100 * r['v_row_density']:>6.1f}% {100 * r['v_block_density']:>8.1f}% {kk:>7} {rows_n:>9}")
     if args.task == "needle":
+        for r in rows:
+            for length, d in (r.get("by_length") or {}).items():
+                kk = "-" if d["kept_over_k"] is None else f"{d['kept_over_k']:.2f}"
+                print(f"  {r['backend']:<8} {length:>6} tokens: {100 * d['element_density']:.1f}% elements, "
+                      f"{100 * d['v_row_density']:.1f}% V rows, {100 * d['v_block_density']:.1f}% V blocks, "
+                      f"kept/k {kk} ({d['decode_rows']} rows)")
         for r in rows:
             marks = " ".join(f"{c['prompt_tokens']}@{c['depth']}%:{'ok' if c['found'] else 'MISS'}" for c in r["cases"])
             print(f"  {r['backend']:<8} {marks}")

@@ -75,6 +75,26 @@ def test_needle_scoring():
     assert [c["found"] for c in scored["cases"]] == [True, False]
 
 
+def test_needle_densities_per_length_from_cumulative_totals():
+    cases = [{"length": 2048}, {"length": 1024}, {"length": 2048}]
+    assert accuracy.length_groups(cases) == [[1], [0, 2]]
+
+    def total(rows, kept, visible, read, rows_visible, blocks, blocks_visible, tk, tt):
+        return {"rows": rows, "elements_kept": kept, "elements_visible": visible, "v_rows_read": read,
+                "v_rows_visible": rows_visible, "v_blocks_read": blocks, "v_blocks_visible": blocks_visible,
+                "thresholded_kept": tk, "thresholded_target": tt}
+
+    first = total(10, 50, 1000, 20, 100, 5, 10, 40, 32)
+    both = total(30, 80, 5000, 50, 500, 9, 50, 70, 96)  # cumulative after the second group
+    by = accuracy.densities_by_group([1024, 2048], [first, both])
+    assert by["1024"] == {"decode_rows": 10, "element_density": 0.05, "v_row_density": 0.2,
+                          "v_block_density": 0.5, "kept_over_k": 40 / 32}
+    assert by["2048"]["decode_rows"] == 20
+    assert by["2048"]["element_density"] == pytest.approx(30 / 4000)
+    assert by["2048"]["v_row_density"] == pytest.approx(30 / 400)
+    assert by["2048"]["kept_over_k"] == pytest.approx(30 / 64)
+
+
 # --------------------------------------------------------------- humaneval
 
 
@@ -160,3 +180,32 @@ def test_perplexity_dense_equals_hf_and_topt_is_sparse(models):
     # Element density by hand for top-k: rows n <= 32 keep n, rows n > 32 keep 32.
     kept = sum(min(n, 32) for n in range(1, 97))
     assert results["topk"]["density"]["element_density"] == pytest.approx(kept / (96 * 97 / 2), abs=1e-3)
+
+
+def test_sweep_calibrates_each_k_and_scores_topt_topk_and_ablations(tmp_path):
+    """A tiny real sweep: two k, one placement, its compensation ablation; resumes without recomputing."""
+    import json
+
+    import sweep
+
+    out = tmp_path / "sweep.json"
+    argv = ["--model", str(MODEL), "--ks", "16", "32", "--placements", "post-softmax", "--ablation-k", "32",
+            "--windows", "1", "--window", "128", "--calib-seqs", "1", "--calib-len", "128",
+            "--heldout-seqs", "1", "--json", str(out)]
+    sweep.main(argv)
+    rows = json.loads(out.read_text())["rows"]
+    keys = {(r["method"], r["k"], r["vmc"]) for r in rows}
+    assert keys == {("dense", None, None), ("topt", 16, True), ("topk", 16, True), ("topt", 32, True),
+                    ("topk", 32, True), ("topt", 32, False)}
+    by = {(r["method"], r["k"], r["vmc"]): r for r in rows}
+    assert by[("dense", None, None)]["rel_change"] == 0.0
+    # Smaller k keeps fewer elements; top-k keeps exactly k per long row.
+    assert by[("topk", 16, True)]["element_density"] < by[("topk", 32, True)]["element_density"] < 1.0
+    assert by[("topk", 32, True)]["kept_over_k"] == pytest.approx(1.0, abs=1e-3)
+    # The ablation reuses the k=32 thresholds and changes only the compensation.
+    assert by[("topt", 32, False)]["thresholds"] == by[("topt", 32, True)]["thresholds"]
+    assert by[("topt", 32, False)]["ppl"] != by[("topt", 32, True)]["ppl"]
+    for k in (16, 32):
+        assert (tmp_path / "sweep_thresholds" / f"{MODEL.name.lower()}.k{k}.post-softmax.json").exists()
+    sweep.main(argv)  # everything done: nothing recomputed, same rows
+    assert json.loads(out.read_text())["rows"] == rows
