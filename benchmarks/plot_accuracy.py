@@ -44,7 +44,8 @@ def plot_sweep(ax, sweep: dict) -> None:
     for (method, placement), points in sorted(curves.items()):
         points.sort(key=lambda r: r["k"])
         color, marker, line = STYLE[(method, placement)]
-        label = f"{'Top-θ' if method == 'topt' else 'top-k'} {placement}"
+        # Exact top-k keeps the same elements with the same weights in either placement (sweep.py).
+        label = f"Top-θ {placement}" if method == "topt" else "exact top-k (same k)"
         xs = [100 * r["v_row_density"] for r in points]
         ys = [100 * r["rel_change"] for r in points]
         ax.plot(xs, ys, line, color=color, marker=marker, label=label)

@@ -9,7 +9,8 @@ placement's default compensation; files kept in a folder named after the
 JSON, `<json stem>_thresholds/`), then scores decode-equivalent
 perplexity on held-out BBC windows (`benchmarks/accuracy.py`'s perplexity
 task: the reference math in Hugging Face, every row thresholded as decode
-would) for Top-θ and for exact top-k with the same k and compensation.
+would) for Top-θ and for exact top-k with the same k and compensation
+(once: pre-softmax top-k with exact SDC equals post-softmax top-k).
 At `--ablation-k` it also scores Top-θ under every compensation of the
 placement with the same thresholds (the threshold values live in the
 placement's domain; only top-k-during-calibration ties them weakly to the
@@ -114,7 +115,11 @@ def planned_runs(args) -> list[tuple]:
     for placement in args.placements:
         for k in args.ks:
             sdc, vmc = DEFAULT_COMPENSATION[placement]
-            runs.append((k, placement, sdc, vmc, ("topt",) if args.no_topk else ("topt", "topk")))
+            # Exact top-k keeps the same set in either domain (softmax is monotone), and
+            # pre-softmax with exact SDC gives kept elements their dense p: with both
+            # placements swept, pre-softmax top-k would repeat post-softmax top-k.
+            topk = not args.no_topk and not (placement == "pre-softmax" and "post-softmax" in args.placements)
+            runs.append((k, placement, sdc, vmc, ("topt", "topk") if topk else ("topt",)))
     for placement in args.placements:
         if args.ablation_k in args.ks:
             for sdc, vmc in ABLATIONS[placement]:
