@@ -136,6 +136,9 @@ def main(argv=None) -> None:
     out = Path(args.json)
     saved = json.loads(out.read_text()) if out.exists() else {"rows": []}
     rows = saved["rows"]
+    invocations = saved.get("invocations") or ([saved["argv"]] if "argv" in saved else [])
+    if sys.argv[1:] not in invocations:
+        invocations.append(sys.argv[1:])
     done = {row_key(r) for r in rows}
 
     config, tokenizer, model = calib.load_model(args.model)
@@ -144,7 +147,7 @@ def main(argv=None) -> None:
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": Path(args.model).name, "windows": len(windows), "window": args.window,
-                "calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "argv": sys.argv[1:]}
+                "calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "invocations": invocations}
         out.write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
 
     dense_row = next((r for r in rows if r["method"] == "dense"), None)
