@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,13 +55,16 @@ def plot_sweep(ax, sweep: dict) -> None:
                 ax.annotate(f"k={r['k']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for r in ablations:
         ax.scatter(100 * r["v_row_density"], 100 * r["rel_change"], marker="x", color="gray", zorder=3)
-        ax.annotate(f"{r['placement'][:3]} sdc={r['sdc']} vmc={'on' if r['vmc'] else 'off'}",
+        ax.annotate(f"{r['placement'].split('-')[0]} sdc={r['sdc']} vmc={'on' if r['vmc'] else 'off'}",
                     (100 * r["v_row_density"], 100 * r["rel_change"]), textcoords="offset points",
                     xytext=(4, -8), fontsize=6, color="gray")
     ax.axhline(0.0, color="k", linestyle=":", label=f"dense (ppl {dense['ppl']:.2f})")
     ax.axhline(1.0, color="r", linestyle=":", linewidth=0.8, label="+1% (target)")
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=2.0)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=-1.0)
     ax.set_xlabel("V rows read in decode (%)")
     ax.set_ylabel("perplexity change vs dense (%)")
     ax.set_title(f"Held-out BBC perplexity, {sweep['model']}\n{sweep['windows']} x {sweep['window']} tokens")
@@ -83,6 +87,7 @@ def plot_task(ax, task: str, files: list[dict]) -> None:
     ax.set_xlabel("V rows read in decode (%)")
     ax.set_ylabel(f"{SCORE_LABEL[task]} (%)")
     ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
     ax.set_title(SCORE_LABEL[task])
     ax.legend(fontsize=6)
 
