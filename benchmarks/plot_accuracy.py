@@ -87,7 +87,7 @@ def plot_task(ax, task: str, files: list[dict]) -> None:
     ax.set_xlabel("V rows read in decode (%)")
     ax.set_ylabel(f"{SCORE_LABEL[task]} (%)")
     ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)
     ax.set_title(SCORE_LABEL[task])
     ax.legend(fontsize=6)
 
