@@ -82,8 +82,7 @@ def calibrated_file(args, config, tokenizer, model, k: int, placement: str):
             "--heldout-seqs", str(args.heldout_seqs),
         ])
         file, _ = calib.calibrate(calib_args, config, tokenizer, model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(file.model_dump_json(indent=1) + "\n")
+        calib.write_file(file, path)
     return load_threshold_file(path), path
 
 

@@ -148,9 +148,13 @@ def main(argv=None) -> None:
     start = time.monotonic()
     config, tokenizer, model = load_model(args.model)
     file, heldout = calibrate(args, config, tokenizer, model)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(file.model_dump_json(indent=1) + "\n")
+    write_file(file, args.out)
     print_summary(file, heldout, args.out, time.monotonic() - start)
+
+
+def write_file(file: ThresholdFile, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(file.model_dump_json(indent=1) + "\n")
 
 
 def calibrate(args, config, tokenizer, model) -> tuple[ThresholdFile, dict]:
