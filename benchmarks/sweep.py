@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import perplexity_eval, perplexity_windows  # noqa: E402
+from accuracy import perplexity_eval, perplexity_windows, shown  # noqa: E402
 
 from calibration import calibrate as calib  # noqa: E402
 from vllm_topt.thresholds import Compensation, load_threshold_file  # noqa: E402
@@ -84,10 +84,6 @@ def calibrated_file(args, config, tokenizer, model, k: int, placement: str):
         file, _ = calib.calibrate(calib_args, config, tokenizer, model)
         calib.write_file(file, path)
     return load_threshold_file(path), path
-
-
-def shown(path: Path) -> str:
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def with_compensation(file, sdc: str, vmc: bool):
