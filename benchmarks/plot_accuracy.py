@@ -1,7 +1,7 @@
 """Plot accuracy against V-row density from sweep and accuracy-harness results.
 
     python benchmarks/plot_accuracy.py --sweep benchmarks/results/sweep_smollm2.json \\
-        --tasks benchmarks/results/accuracy_humaneval164_qwen0.5b.json \\
+        --tasks benchmarks/results/accuracy_humaneval164_qwen*.json \\
         --out benchmarks/results/accuracy_vs_density.png
 
 One panel for the perplexity sweep (relative change against dense, per
@@ -72,8 +72,10 @@ def plot_sweep(ax, sweep: dict) -> None:
 
 
 def plot_task(ax, task: str, files: list[dict]) -> None:
-    for i, data in enumerate(files):
-        color = f"C{i}"
+    # One colour per model: a file may hold only TOPT rows at another k (run with --backends TOPT).
+    models = list(dict.fromkeys(Path(data["model"]).name for data in files))
+    for data in files:
+        color = f"C{models.index(Path(data['model']).name)}"
         rows = data["rows"]
         dense = next((r for r in rows if r["k"] is None), None)
         label = f"{Path(data['model']).name} ({rows[0]['n']} cases)"
@@ -84,6 +86,8 @@ def plot_task(ax, task: str, files: list[dict]) -> None:
                 continue
             ax.scatter(100 * r["v_row_density"], 100 * r["score"], color=color, marker="o",
                        label=f"Top-θ k={r['k']} {r['placement']}, {label}")
+            ax.annotate(f"k={r['k']}", (100 * r["v_row_density"], 100 * r["score"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("V rows read in decode (%)")
     ax.set_ylabel(f"{SCORE_LABEL[task]} (%)")
     ax.set_xlim(0, 100)

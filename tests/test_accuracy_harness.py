@@ -217,3 +217,13 @@ def test_sweep_calibrates_each_k_and_scores_topt_topk_and_ablations(tmp_path):
         assert (tmp_path / "sweep_thresholds" / f"{MODEL.name.lower()}.k{k}.post-softmax.json").exists()
     sweep.main(argv)  # everything done: nothing recomputed, same rows
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_plot_draws_the_shipped_results(tmp_path):
+    import plot_accuracy
+
+    results = ROOT / "benchmarks" / "results"
+    out = tmp_path / "plot.png"
+    plot_accuracy.main(["--sweep", str(results / "sweep_smollm2.json"), "--tasks",
+                        *map(str, sorted(results.glob("accuracy_humaneval164_qwen*.json"))), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
