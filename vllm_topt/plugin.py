@@ -106,3 +106,26 @@ def _check_topt_config(vllm_config) -> None:
         cache_config.block_size = CPU_DEFAULT_BLOCK_SIZE
     mode = "sparsity disabled" if options.disable_sparsity else f"k={thresholds.target_k}, {thresholds.placement}"
     logger.info("TOPT thresholds: %s (%s, block size %d)", path, mode, cache_config.block_size)
+    _warn_about_cpu_binding()
+
+
+def _warn_about_cpu_binding() -> None:
+    from vllm import envs
+
+    if envs.VLLM_CPU_OMP_THREADS_BIND == "auto" and (binding := every_core_binding()):
+        logger.warning(
+            "vLLM's default VLLM_CPU_OMP_THREADS_BIND=auto reserves one of this machine's %d cores for its "
+            "scheduler, so the model runs on one thread fewer. Set VLLM_CPU_OMP_THREADS_BIND=%s to give it every "
+            "core (on 2 cores this made generation 1.5-1.8x faster).", binding.count(",") + 1, binding)
+
+
+def every_core_binding(cpus: list[int] | None = None) -> str | None:
+    """A VLLM_CPU_OMP_THREADS_BIND value for every allowed core, on machines with 2-4 cores; else None.
+
+    vLLM's `auto` binding reserves a core per worker for its scheduler process;
+    on a small machine that is a large share (half of 2 cores).
+    """
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+    return ",".join(map(str, cpus)) if 2 <= len(cpus) <= 4 else None
