@@ -6,10 +6,11 @@ MODEL := models/SmolLM2-135M-Instruct
 PORT ?= 8000
 # KV cache size (GiB) the CPU backend reserves; vLLM's default fraction does not fit small machines.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
-# vLLM's `auto` OMP binding reserves one core for its scheduler on x86: on a 2-core machine the
-# model would run on one thread. Machines with at most 4 cores give the model every core.
+# vLLM's `auto` OMP binding reserves a core for its scheduler: on a 2-core machine the model would
+# run on one thread. Machines with 2-4 cores give the model every core (as
+# vllm_topt.plugin.every_core_binding; the venv may not exist yet when this is expanded).
 export VLLM_CPU_OMP_THREADS_BIND ?= $(shell $(PYTHON) -c "import os; c = sorted(os.sched_getaffinity(0)); \
-	print(','.join(map(str, c)) if len(c) <= 4 else 'auto')")
+	print(','.join(map(str, c)) if 2 <= len(c) <= 4 else 'auto')")
 
 .PHONY: setup serve test calibrate-default clean
 
