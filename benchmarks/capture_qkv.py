@@ -32,7 +32,7 @@ CAPTURE_IMPL = "topt_capture"
 
 
 def heldout_ids(tokenizer, tokens: int) -> list[int]:
-    from calibration.data import bbc_articles
+    from vllm_topt.calibration.data import bbc_articles
 
     ids = tokenizer.encode("\n\n".join(bbc_articles("heldout")), add_special_tokens=False)
     if len(ids) < tokens:

@@ -23,7 +23,7 @@ MARKER = "BENCH_RESULT_JSON:"
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
     sys.path.insert(0, str(ROOT))
-    from calibration.data import bbc_articles
+    from vllm_topt.calibration.data import bbc_articles
 
     ids = tokenizer.encode("\n\n".join(bbc_articles("heldout")), add_special_tokens=False)
     return ids[:tokens]

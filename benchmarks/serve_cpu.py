@@ -61,7 +61,7 @@ def free_port() -> int:
 def heldout_ids(model: Path) -> list[int]:
     from transformers import AutoTokenizer
 
-    from calibration.data import bbc_articles
+    from vllm_topt.calibration.data import bbc_articles
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = tokenizer.encode("\n\n".join(bbc_articles("heldout")), add_special_tokens=False)

@@ -4,7 +4,7 @@
         --json benchmarks/results/sweep_smollm2.json
 
 For every placement and every k it calibrates thresholds on the BBC
-calibration split (`calibration.calibrate`, top-k during calibration, the
+calibration split (`vllm_topt.calibration.calibrate`, top-k during calibration, the
 placement's default compensation; files kept in a folder named after the
 JSON, `<json stem>_thresholds/`), then scores decode-equivalent
 perplexity on held-out BBC windows (`benchmarks/accuracy.py`'s perplexity
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy import perplexity_eval, perplexity_windows, shown  # noqa: E402
 
-from calibration import calibrate as calib  # noqa: E402
+from vllm_topt.calibration import calibrate as calib  # noqa: E402
 from vllm_topt.thresholds import Compensation, load_threshold_file  # noqa: E402
 
 DEFAULT_COMPENSATION = {"post-softmax": ("none", True), "pre-softmax": ("exact", True)}
@@ -76,13 +76,14 @@ def calibrated_file(args, config, tokenizer, model, k: int, placement: str):
     """Calibrate once per (k, placement); reuse the file if an earlier run wrote it."""
     path = thresholds_path(args, k, placement)
     if not path.exists():
+        resume = ["--resume"] if calib.checkpoint_path(path).exists() else []  # an interrupted sweep continues
         calib_args = calib.parse_args([
             "--model", args.model, "--out", str(path), "--k", str(k), "--placement", placement,
             "--num-seqs", str(args.calib_seqs), "--seq-len", str(args.calib_len),
-            "--heldout-seqs", str(args.heldout_seqs),
+            "--heldout-seqs", str(args.heldout_seqs), "--device", "cpu", *resume,
         ])
         file, _ = calib.calibrate(calib_args, config, tokenizer, model)
-        calib.write_file(file, path)
+        calib.save_result(file, path)
     return load_threshold_file(path), path
 
 
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
     done = {row_key(r) for r in rows}
 
     config, tokenizer, model = calib.load_model(args.model)
-    windows = perplexity_windows(tokenizer, args.window, args.windows)
+    windows, _ = perplexity_windows(tokenizer, args.window, args.windows)
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)

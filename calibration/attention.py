@@ -52,14 +52,17 @@ class CalibrationSession:
     rows_by_layer: torch.Tensor = field(init=False)
     # SPEC §7 density of every row ("apply" and "topk" modes), V pages of block_size tokens.
     block_size: int = 32
+    # Query rows per chunk: [B, H, rows, T] scores of at most this many elements (64 MiB in float32).
+    chunk_elements: int = 1 << 24
+    device: str = "cpu"  # where the statistics accumulate (the model's device)
     counts: DensityCounts = field(init=False)
     counts_by_layer: list[DensityCounts] = field(init=False)
 
     def __post_init__(self):
         shape = (self.num_layers, self.num_heads, self.max_len)
-        self.value_sum = torch.zeros(shape, dtype=torch.float64)
-        self.value_sq_sum = torch.zeros(shape, dtype=torch.float64)
-        self.value_count = torch.zeros(shape, dtype=torch.float64)
+        self.value_sum = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self.value_sq_sum = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self.value_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.kept_by_layer = torch.zeros(self.num_layers, dtype=torch.float64)
         self.rows_by_layer = torch.zeros(self.num_layers, dtype=torch.float64)
         self.counts = DensityCounts()
@@ -75,39 +78,66 @@ def set_session(session: CalibrationSession | None) -> None:
 
 
 def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, H, T, d]; key/value [B, H_kv, T, d]. Returns ([B, T, H, d], None)."""
+    """query [B, H, T, d]; key/value [B, H_kv, T, d]. Returns ([B, T, H, d], None).
+
+    Query rows are processed in chunks (`query_chunk_rows`), so memory grows
+    linearly with T rather than with T²; every row's result is the same as
+    with one chunk, and the statistics and counts are sums over rows.
+    """
     session = _session
     assert session is not None, "set_session() before running the model"
     layer = module.layer_idx
-    rule = session.rules[layer]
     B, H, T, d = query.shape
     group = H // key.shape[1]
     k_all = key.repeat_interleave(group, dim=1).float()
     v_all = value.repeat_interleave(group, dim=1).float()
     scale = scaling if scaling is not None else d**-0.5
-    scores = (query.float() @ k_all.transpose(-1, -2)) * scale  # [B, H, T, T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    # VMC's mean(V) over each row's prefix, [B, H, T, d]: linear in T.
+    running_mean = v_all.cumsum(dim=2) / torch.arange(1, T + 1, device=query.device)[None, None, :, None]
+    step = query_chunk_rows(session, B, H, T)
+    out = torch.empty(B, H, T, d, dtype=torch.float32, device=query.device)
+    for r0 in range(0, T, step):
+        r1 = min(r0 + step, T)
+        out[:, :, r0:r1] = _attend_rows(session, layer, query[:, :, r0:r1].float(), k_all[:, :, :r1],
+                                        v_all[:, :, :r1], running_mean[:, :, r0:r1], r0, scale, key.shape[1])
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def query_chunk_rows(session: "CalibrationSession", B: int, H: int, T: int) -> int:
+    """Rows per chunk: a [B, H, rows, T] score tensor of at most `chunk_elements` elements."""
+    return max(1, min(T, session.chunk_elements // max(B * H * T, 1)))
+
+
+def _attend_rows(session, layer, q, k_all, v_all, running_mean, r0, scale, num_kv_heads):
+    """Attention of query rows r0 .. r0+C-1 (row i sees keys 0..i, so n = i + 1) over keys [:r1]."""
+    rule = session.rules[layer]
+    B, H, C, _ = q.shape
+    r1 = k_all.shape[2]
+    n = torch.arange(r0 + 1, r1 + 1)  # row lengths of this chunk
+    causal = (torch.arange(r1)[None, :] < n[:, None]).to(q.device)  # [C, r1]
+    scores = (q @ k_all.transpose(-1, -2)) * scale  # [B, H, C, r1]
     scores = scores.masked_fill(~causal, float("-inf"))
-    n = torch.arange(1, T + 1)
     p = torch.softmax(scores, dim=-1)
+    shape = (B, H, num_kv_heads, n)
 
     if session.mode == "dense" or rule.dense:
         keep, weights = None, p
         if session.mode in ("apply", "topk"):
-            _count_density(session, layer, None, rule, (B, H, key.shape[1], T))
+            _count_density(session, layer, None, rule, shape)
     else:
         domain = p if rule.placement == "post-softmax" else scores
+        short = (n <= rule.k).to(q.device)  # rows with n <= k stay dense
         if session.mode == "collect":
-            keep, theta = _collect_and_cut(session, layer, rule, domain)
+            keep, theta = _collect_and_cut(session, layer, rule, domain, n, short)
         elif session.mode == "topk":
-            keep, theta = _topk_keep(domain, rule.k, causal)
-            _count_density(session, layer, keep, rule, (B, H, key.shape[1], T))
+            keep, theta = _topk_keep(domain, rule.k, causal, short)
+            _count_density(session, layer, keep, rule, shape)
         else:
-            theta = session.tables[layer].lookup(n).float().T[None].expand(B, H, T)  # [B, H, T]
+            theta = session.tables[layer].lookup(n).float().T.to(q.device)[None].expand(B, H, C)  # [B, H, C]
             keep = domain > theta[..., None]
-            keep[:, :, : rule.k] = causal[: rule.k]  # n <= k rows stay dense
-            _count_kept(session, layer, keep, rule.k)
-            _count_density(session, layer, keep, rule, (B, H, key.shape[1], T))
+            keep[:, :, short] = causal[short]
+            _count_kept(session, layer, keep, ~short)
+            _count_density(session, layer, keep, rule, shape)
         if keep is None:
             weights = p
         elif rule.placement == "post-softmax":
@@ -116,87 +146,87 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
             weights = kept_weights(scores, keep & causal, theta, rule)
     out = weights @ v_all
     if rule.vmc and keep is not None:
-        running_mean = v_all.cumsum(dim=2) / n[None, None, :, None]
         out = out + (1.0 - weights.sum(dim=-1, keepdim=True)) * running_mean
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return out
 
 
-def _collect_and_cut(session, layer, rule, domain):
+def _collect_and_cut(session, layer, rule, domain, n, short):
     """Record the (k+1)-th largest element of each long row (n > k).
 
     Returns the keep mask (exact top-k per long row when cutting, None for
     dense) and the per-row cut value, which stands in for θ in compensation.
     """
-    T = domain.shape[-1]
     k = rule.k
-    if T <= k:
+    if bool(short.all()):
         return None, domain.amax(dim=-1)
     kth1 = torch.topk(domain, k + 1, dim=-1).values[..., k]  # leaves exactly k strictly above
-    samples = kth1[:, :, k:].double()  # rows with n = i + 1 > k
-    session.value_sum[layer, :, k:] += samples.sum(dim=0)
-    session.value_sq_sum[layer, :, k:] += (samples**2).sum(dim=0)
-    session.value_count[layer, :, k:] += samples.shape[0]
+    long = ~short
+    samples = kth1[:, :, long].double()  # [B, H, rows with n > k]
+    index = (n[long.cpu()] - 1).to(session.value_sum.device)
+    session.value_sum[layer].index_add_(1, index, samples.sum(dim=0).to(session.value_sum.device))
+    session.value_sq_sum[layer].index_add_(1, index, (samples**2).sum(dim=0).to(session.value_sum.device))
+    session.value_count[layer, :, index] += samples.shape[0]
     if not session.topk_during_calibration:
         return None, kth1
     keep = domain > kth1[..., None]
-    keep[:, :, :k] = True  # n <= k rows stay dense (masked positions carry p = 0 / s = -inf)
+    keep[:, :, short] = True  # n <= k rows stay dense (masked positions carry p = 0 / s = -inf)
     return keep, kth1
 
 
-def _topk_keep(domain, k, causal):
+def _topk_keep(domain, k, causal, short):
     """Exactly the k largest elements of every row with n > k; rows with n <= k dense.
 
     Returns the keep mask (None when every row is short) and the (k+1)-th
     largest value per row, which stands in for θ in SDC "exp-threshold".
     """
-    T = domain.shape[-1]
-    if T <= k:
+    if bool(short.all()):
         return None, domain.amax(dim=-1)
     values, index = torch.topk(domain, k + 1, dim=-1)
-    keep = torch.zeros(domain.shape, dtype=torch.bool).scatter_(-1, index[..., :k], True)
+    keep = torch.zeros(domain.shape, dtype=torch.bool, device=domain.device).scatter_(-1, index[..., :k], True)
     keep &= causal  # only if a visible element underflowed to p = 0 could top-k pick a masked one
-    keep[:, :, :k] = causal[:k]  # n <= k rows stay dense
+    keep[:, :, short] = causal[short]  # n <= k rows stay dense
     return keep, values[..., k]
 
 
 def _count_density(session, layer, keep, rule, shape) -> None:
-    """SPEC §7 counts for one layer call over all T rows of B sequences.
+    """SPEC §7 counts for one layer call over a chunk of rows of B sequences.
 
-    shape = (B, H, H_kv, T); keep [B, H, T, T] (causal), or None when every
-    element is kept (dense layer, or every row has n <= k).
+    shape = (B, H, H_kv, n) with n the chunk's row lengths; keep [B, H, C, r1]
+    (causal), or None when every element is kept (dense layer, or every row
+    has n <= k).
     """
-    B, H, H_kv, T = shape
+    B, H, H_kv, n = shape
     bs = session.block_size
-    triangle = T * (T + 1) // 2  # elements (or V rows) visible to rows n = 1..T
-    blocks_visible = sum((n + bs - 1) // bs for n in range(1, T + 1))
+    visible = int(n.sum())  # elements (or V rows) visible to the chunk's rows
     counts = DensityCounts(
-        rows=B * T,
-        elements_visible=B * H * triangle,
-        v_rows_visible=B * H_kv * triangle,
-        v_blocks_visible=B * H_kv * blocks_visible,
+        rows=B * len(n),
+        elements_visible=B * H * visible,
+        v_rows_visible=B * H_kv * visible,
+        v_blocks_visible=B * H_kv * int(((n + bs - 1) // bs).sum()),
     )
     if keep is None:
         counts.elements_kept = counts.elements_visible
         counts.v_rows_read = counts.v_rows_visible
         counts.v_blocks_read = counts.v_blocks_visible
     else:
-        union = keep.view(B, H_kv, H // H_kv, T, T).any(dim=2)  # GQA union
-        pad = (-T) % bs
-        blocks = F.pad(union, (0, pad)).view(B, H_kv, T, (T + pad) // bs, bs).any(dim=-1)
+        C, r1 = keep.shape[2], keep.shape[3]
+        union = keep.view(B, H_kv, H // H_kv, C, r1).any(dim=2)  # GQA union
+        pad = (-r1) % bs
+        blocks = F.pad(union, (0, pad)).view(B, H_kv, C, (r1 + pad) // bs, bs).any(dim=-1)
         counts.elements_kept = int(keep.sum())
         counts.v_rows_read = int(union.sum())
         counts.v_blocks_read = int(blocks.sum())
-    long_rows = max(T - rule.k, 0)  # rows with n > k, thresholded unless the layer is dense
-    if keep is not None and long_rows and not rule.dense:
-        counts.thresholded_rows = B * H * long_rows
-        counts.thresholded_kept = int(keep[:, :, rule.k :].sum())
+    long = (n > rule.k).to(keep.device) if keep is not None else None
+    if keep is not None and not rule.dense and bool(long.any()):
+        counts.thresholded_rows = B * H * int(long.sum())
+        counts.thresholded_kept = int(keep[:, :, long].sum())
         counts.thresholded_target = counts.thresholded_rows * rule.k
     session.counts.add(counts)
     session.counts_by_layer[layer].add(counts)
 
 
-def _count_kept(session, layer, keep, k) -> None:
-    kept = keep[:, :, k:].sum(dim=-1).double()  # rows with n > k
+def _count_kept(session, layer, keep, long) -> None:
+    kept = keep[:, :, long].sum(dim=-1).double().cpu()  # rows with n > k
     session.kept_by_layer[layer] += kept.sum()
     session.rows_by_layer[layer] += kept.numel()
 

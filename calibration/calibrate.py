@@ -1,15 +1,25 @@
 """Calibrate Top-θ thresholds for a Hugging Face model on real text.
 
-    python -m calibration.calibrate --model models/SmolLM2-135M-Instruct \\
+    vllm-topt-calibrate --model models/SmolLM2-135M-Instruct \\
         --k 32 --out configs/smollm2-135m-instruct.k32.post-softmax.json
+    vllm-topt-calibrate --model MODEL --data chats.jsonl --device cuda --out mymodel.k32.json
+
+(`python -m calibration.calibrate` in a checkout is the same command.)
 
 For every calibration sequence and every (layer, query head) row with n > k,
 record the (k+1)-th largest element in the placement's domain (probabilities
 for post-softmax, scores for pre-softmax); with top-k during calibration (on
 by default) each layer's attention is cut to its exact top-k, so later layers
 see sparsified inputs. Per (layer, head, n) aggregate mean + 0.1·std, smooth
-across n onto a geometric grid, and write the threshold file. Finally apply
-the thresholds to held-out articles and report kept/k.
+across n onto a geometric grid (per layer, from that layer's k), and write the
+threshold file. Finally apply the thresholds to held-out text and report
+kept/k and the densities.
+
+Every argument is checked against the model's config before any text is
+read, and the data before the weights load. The statistics are checkpointed
+to OUT.checkpoint.pt after every sequence: an interrupted run (Ctrl-C, a lost
+machine) continues with the same command plus --resume, and ends with the
+same thresholds as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,48 +27,74 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
+import resource
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from calibration.attention import ATTN_IMPL_NAME, CalibrationSession, register_attention, set_session
-from calibration.data import BBC_PACKAGE, bbc_articles, token_sequences
 from vllm_topt import __version__
-from vllm_topt.reference import ToptRule
+from vllm_topt.calibration.attention import ATTN_IMPL_NAME, CalibrationSession, register_attention, set_session
+from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
+from vllm_topt.reference import DensityCounts, ToptRule
+from vllm_topt.support import UnsupportedModelError, check_model_supported, text_config
 from vllm_topt.thresholds import (
     SCHEMA_VERSION,
     Compensation,
-    LayerThresholds,
     ModelIdentity,
     Provenance,
     ThresholdFile,
 )
 
+PROG = "vllm-topt-calibrate"
 STD_WEIGHT = 0.1  # the paper's mean + 0.1·std
 SMOOTH_HALF_WIDTH = 0.15  # smoothing window in ln(n) on each side of a grid point
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPE = {"cuda": "bfloat16", "cpu": "float32"}
+
+
+class CalibrationError(SystemExit):
+    """A bad argument or input, found before the long work starts; the message names the flag and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{PROG}: error: {message}")
 
 
 def parse_layer_k(text: str) -> dict[int, int]:
-    pairs = [item.split(":") for item in text.split(",") if item.strip()]
-    return {int(layer): int(k) for layer, k in pairs}
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(layer): int(k) for layer, k in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:K[,LAYER:K...], e.g. '0:512,1:512'") from None
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER[,LAYER...], e.g. '0,1'") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m calibration.calibrate", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model folder (as served by vLLM)")
     p.add_argument("--out", required=True, help="threshold file to write (JSON)")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="calibration text (repeatable): a .jsonl file ('text' or chat 'messages' per line), a "
+                        "plain-text file, or a folder of .txt/.md/.jsonl files; default: BBC News 2004-05")
     p.add_argument("--k", type=int, default=32, help="target kept elements per row (default 32)")
     p.add_argument("--placement", choices=["post-softmax", "pre-softmax"], default="post-softmax")
     p.add_argument("--sdc", choices=["none", "exact", "exp-threshold"], default=None,
                    help="softmax denominator compensation (pre-softmax only; default exact there)")
     p.add_argument("--no-vmc", action="store_true", help="disable V-mean compensation")
-    p.add_argument("--layer-k", type=parse_layer_k, default={}, help="per-layer k, e.g. '0:128,1:128'")
-    p.add_argument("--dense-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+    p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
+                   help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
+    p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
                    help="layers that stay dense, e.g. '0,1'")
     p.add_argument("--num-seqs", type=int, default=48, help="calibration sequences (default 48)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence")
@@ -66,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-points", type=int, default=24, help="n-grid points between k+1 and --seq-len")
     p.add_argument("--no-topk-during-calibration", action="store_true",
                    help="calibrate on dense attention (the paper always cuts to top-k)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (auto: cuda if torch sees a GPU, else cpu)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model weights dtype (auto: bfloat16 on cuda, float32 on cpu); attention runs in float32")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run recorded in OUT.checkpoint.pt")
     p.add_argument("--name", default=None, help="model name recorded in the file (default: folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -74,15 +115,73 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_model(path: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# ------------------------------------------------------------------ checks
 
-    register_attention()
-    config = AutoConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTN_IMPL_NAME)
-    model.eval()
-    return config, tokenizer, model
+
+def check_model_args(args, config) -> list[ToptRule]:
+    """Every argument against the model's config, before any text is read; the per-layer rules."""
+    name = args.name or Path(args.model).name
+    try:
+        check_model_supported(config, name)
+    except UnsupportedModelError as exc:
+        raise CalibrationError(str(exc)) from None
+    cfg = text_config(config)
+    L = cfg.num_hidden_layers
+    positive = {"--k": args.k, "--num-seqs": args.num_seqs, "--heldout-seqs": args.heldout_seqs}
+    for flag, value in positive.items():
+        if value < 1:
+            raise CalibrationError(f"{flag} {value}: must be at least 1")
+    if args.grid_points < 2:
+        raise CalibrationError(f"--grid-points {args.grid_points}: must be at least 2")
+    max_positions = getattr(cfg, "max_position_embeddings", None)
+    if max_positions and args.seq_len > max_positions:
+        raise CalibrationError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                               f"{max_positions}; lower --seq-len")
+    for flag, layers in (("--layer-k", list(args.layer_k)), ("--dense-layers", args.dense_layers)):
+        bad = [layer for layer in layers if not 0 <= layer < L]
+        if bad:
+            raise CalibrationError(f"{flag}: layer {bad[0]} does not exist; the model has layers 0..{L - 1}")
+    both = sorted(set(args.layer_k) & set(args.dense_layers))
+    if both:
+        raise CalibrationError(f"layer {both[0]} is in both --layer-k and --dense-layers; give it one of them")
+    if len(set(args.dense_layers)) == L:
+        raise CalibrationError(f"--dense-layers names every layer (0..{L - 1}); nothing would be thresholded")
+    for layer, k in args.layer_k.items():
+        if k < 1:
+            raise CalibrationError(f"--layer-k {layer}:{k}: k must be at least 1")
+    rules = layer_rules(args, L)
+    for layer, rule in enumerate(rules):
+        if rule.dense or rule.k + 1 < args.seq_len:
+            continue
+        flag = f"--layer-k {layer}:{rule.k}" if layer in args.layer_k else f"--k {rule.k}"
+        raise CalibrationError(f"{flag}: --seq-len {args.seq_len} leaves layer {layer} too few rows longer than its "
+                               f"k (calibration samples rows with n > k); raise --seq-len to {rule.k + 2} or more, "
+                               "or lower k")
+    return rules
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise CalibrationError(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA device; "
+                               "run on a machine with a GPU and a CUDA build of torch, or pass --device cpu")
+    return requested
+
+
+def check_output(out: str) -> Path:
+    """Fail now, not after the run, if the threshold file cannot be written."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise CalibrationError(f"--out {out} is a folder; name the JSON file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CalibrationError(f"--out {out}: cannot create its folder ({exc})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise CalibrationError(f"--out {out}: the folder {path.parent} is not writable")
+    return path
 
 
 def layer_rules(args, num_layers: int) -> list[ToptRule]:
@@ -95,22 +194,113 @@ def layer_rules(args, num_layers: int) -> list[ToptRule]:
     ]
 
 
+# ------------------------------------------------------------------ plan
+
+
+@dataclass
+class Plan:
+    """A checked run: rules, device, data cut into sequences, and its checkpoint."""
+
+    args: argparse.Namespace
+    rules: list[ToptRule]
+    device: str
+    dtype: str
+    out: Path
+    corpus: Corpus
+    calibration: list[list[int]]
+    heldout: list[list[int]]
+    checkpoint: Checkpoint
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.rules)
+
+
+def prepare(args, config, tokenizer) -> Plan:
+    """All checks and the data, before the weights load; raises CalibrationError."""
+    rules = check_model_args(args, config)
+    device = resolve_device(args.device)
+    dtype = DEFAULT_DTYPE[device] if args.dtype == "auto" else args.dtype
+    out = check_output(args.out)
+    try:
+        corpus = load_corpus(args.data, tokenizer)
+    except DataError as exc:
+        raise CalibrationError(str(exc)) from None
+    calibration = sequences_or_fail(tokenizer, corpus.calibration, args.seq_len, args.num_seqs, "--num-seqs", corpus)
+    heldout = sequences_or_fail(tokenizer, corpus.heldout, args.seq_len, args.heldout_seqs, "--heldout-seqs", corpus)
+    key = run_key(args, config, corpus, device, dtype)
+    try:
+        checkpoint = Checkpoint.open(checkpoint_path(out), key, resume=args.resume)
+    except CheckpointError as exc:
+        raise CalibrationError(str(exc)) from None
+    return Plan(args, rules, device, dtype, out, corpus, calibration, heldout, checkpoint)
+
+
+def sequences_or_fail(tokenizer, texts, seq_len: int, count: int, flag: str, corpus: Corpus) -> list[list[int]]:
+    try:
+        return token_sequences(tokenizer, texts, seq_len, count)
+    except DataError as exc:
+        part = "held-out" if flag == "--heldout-seqs" else "calibration"
+        raise CalibrationError(f"the {part} split of {corpus.source}: {exc}; "
+                               f"lower {flag} or --seq-len, or add data") from None
+
+
+def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
+    """What a checkpoint must agree on to be continued (everything that changes the statistics)."""
+    return {
+        "model fingerprint": ModelIdentity.from_hf_config(config, name="").fingerprint,
+        "--data": corpus.sha256 or corpus.source,
+        "--k": args.k, "--layer-k": sorted(args.layer_k.items()), "--dense-layers": sorted(args.dense_layers),
+        "--placement": args.placement, "--sdc": args.sdc, "--no-vmc": args.no_vmc,
+        "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
+        "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
+    }
+
+
+# ------------------------------------------------------------------ run
+
+
+def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(config, tokenizer, model) with the calibration attention."""
+    config, tokenizer = load_config_and_tokenizer(path)
+    return config, tokenizer, load_weights(path, device, dtype)
+
+
+def load_config_and_tokenizer(path: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def load_weights(path: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPL_NAME)
+    return model.to(device).eval()
+
+
 def geometric_grid(k: int, max_len: int, points: int) -> list[int]:
     lo, hi = math.log(k + 1), math.log(max_len)
     grid = sorted({round(math.exp(lo + (hi - lo) * i / (points - 1))) for i in range(points)})
     return [n for n in grid if k < n <= max_len]
 
 
-def aggregate(session: CalibrationSession, rules, grid: list[int], placement: str) -> list[list[list[float]] | None]:
-    """mean + 0.1·std per (layer, head, n), smoothed across n onto the grid."""
-    count = session.value_count
-    mean = session.value_sum / count.clamp(min=1)
-    var = (session.value_sq_sum / count.clamp(min=1) - mean**2).clamp(min=0)
+def layer_grids(rules: list[ToptRule], seq_len: int, points: int) -> list[list[int] | None]:
+    """Each thresholded layer's grid, from its own k: its rows with n <= k stay dense."""
+    return [None if rule.dense else geometric_grid(rule.k, seq_len, points) for rule in rules]
+
+
+def aggregate(session: CalibrationSession, rules, grids, placement: str) -> list[list[list[float]] | None]:
+    """mean + 0.1·std per (layer, head, n), smoothed across n onto each layer's grid."""
+    count = session.value_count.cpu()
+    mean = session.value_sum.cpu() / count.clamp(min=1)
+    var = (session.value_sq_sum.cpu() / count.clamp(min=1) - mean**2).clamp(min=0)
     stat = mean + STD_WEIGHT * var.sqrt()  # [L, H, max_len] indexed by n - 1
     log_n = torch.log(torch.arange(1, session.max_len + 1, dtype=torch.float64))
     post = placement == "post-softmax"
     result: list[list[list[float]] | None] = []
-    for layer, rule in enumerate(rules):
+    for layer, (rule, grid) in enumerate(zip(rules, grids)):
         if rule.dense:
             result.append(None)
             continue
@@ -119,8 +309,8 @@ def aggregate(session: CalibrationSession, rules, grid: list[int], placement: st
             # Count-weighted average over n within ±15% (in ln n) of the grid point.
             window = (log_n - math.log(g)).abs() <= SMOOTH_HALF_WIDTH
             window &= count[layer, 0] > 0
-            if not bool(window.any()):
-                raise RuntimeError(f"layer {layer}: no samples near n={g}; lower k or raise --seq-len")
+            if not bool(window.any()):  # cannot happen for grid points in (k, seq_len]; checked anyway
+                raise RuntimeError(f"layer {layer}: no samples near n={g}")
             w = count[layer, :, window]
             y = stat[layer, :, window]
             y = y.clamp(min=1e-30).log() if post else y
@@ -133,77 +323,71 @@ def aggregate(session: CalibrationSession, rules, grid: list[int], placement: st
     return result
 
 
-def run_sequences(model, sequences, session, desc: str) -> None:
+def run_sequences(model, sequences, session, plan: Plan, phase: str) -> None:
+    """Run the remaining sequences of `phase`, checkpointing the session after each one."""
+    done = plan.checkpoint.restore(phase, session)
     set_session(session)
-    with torch.inference_mode():
-        for ids in tqdm(sequences, desc=desc, unit="seq"):
-            model(torch.tensor([ids]), use_cache=False)
-    set_session(None)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.monotonic()
-    config, tokenizer, model = load_model(args.model)
-    file, heldout = calibrate(args, config, tokenizer, model)
-    write_file(file, args.out)
-    print_summary(file, heldout, args.out, time.monotonic() - start)
-
-
-def write_file(file: ThresholdFile, path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(file.model_dump_json(indent=1) + "\n")
+    try:
+        with torch.inference_mode():
+            bar = tqdm(range(done, len(sequences)), initial=done, total=len(sequences), desc=phase, unit="seq")
+            for i in bar:
+                model(torch.tensor([sequences[i]], device=plan.device), use_cache=False)
+                plan.checkpoint.save(phase, i + 1, session)
+    finally:
+        set_session(None)
 
 
 def calibrate(args, config, tokenizer, model) -> tuple[ThresholdFile, dict]:
-    """Collect statistics on calibration text, build the file, check it on held-out text."""
-    L, H = config.num_hidden_layers, config.num_attention_heads
-    rules = layer_rules(args, L)
-    if min(r.k for r in rules) >= args.seq_len:
-        raise SystemExit("--seq-len must exceed k")
+    """Check, collect statistics on calibration text, build the file, check it on held-out text."""
+    plan = prepare(args, config, tokenizer)
+    return run(plan, config, model)
 
-    calib = token_sequences(tokenizer, bbc_articles("calibration"), args.seq_len, args.num_seqs)
-    session = CalibrationSession(L, H, args.seq_len, rules, topk_during_calibration=not args.no_topk_during_calibration)
-    run_sequences(model, calib, session, "calibrating")
 
-    grid = geometric_grid(min(r.k for r in rules if not r.dense), args.seq_len, args.grid_points)
-    thresholds = aggregate(session, rules, grid, args.placement)
+def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
+    args, rules = plan.args, plan.rules
+    H = text_config(config).num_attention_heads
+    session = CalibrationSession(plan.num_layers, H, args.seq_len, rules, device=plan.device,
+                                 topk_during_calibration=not args.no_topk_during_calibration)
+    run_sequences(model, plan.calibration, session, plan, "calibrating")
+    grids = layer_grids(rules, args.seq_len, args.grid_points)
+    thresholds = aggregate(session, rules, grids, args.placement)
     name = args.name or Path(args.model).name
+    main_grid = geometric_grid(args.k, args.seq_len, args.grid_points)
     file = ThresholdFile(
         schema_version=SCHEMA_VERSION,
         model=ModelIdentity.from_hf_config(config, name=name),
         target_k=args.k,
-        layer_k={layer: k for layer, k in args.layer_k.items()},
+        layer_k=dict(args.layer_k),
         dense_layers=args.dense_layers,
         placement=args.placement,
         compensation=Compensation(sdc=args.sdc, vmc=not args.no_vmc),
-        n_grid=grid,
+        n_grid=main_grid,
+        layer_n_grid={layer: g for layer, g in enumerate(grids) if g is not None and g != main_grid},
         thresholds=thresholds,
         provenance=Provenance(
-            data=f"BBC News 2004-05 ({BBC_PACKAGE}), calibration split (9 of every 10 articles)",
-            num_sequences=len(calib),
+            data=plan.corpus.description,
+            num_sequences=len(plan.calibration),
             max_seq_len=args.seq_len,
-            tool=f"vllm-topt {__version__} calibration.calibrate",
+            tool=f"vllm-topt {__version__} {PROG}",
             date=datetime.date.today().isoformat(),
             topk_during_calibration=not args.no_topk_during_calibration,
+            data_files=plan.corpus.files,
+            data_sha256=plan.corpus.sha256,
+            device=plan.device,
+            dtype=plan.dtype,
         ),
     )
-    heldout = heldout_check(model, tokenizer, file, rules, args)
+    heldout = heldout_check(model, file, rules, plan)
     file.provenance.heldout = heldout  # type: ignore[attr-defined]
     return file, heldout
 
 
-def heldout_check(model, tokenizer, file: ThresholdFile, rules, args) -> dict:
-    """Apply the thresholds to held-out articles as serving does; kept/k per row."""
-    sequences = token_sequences(tokenizer, bbc_articles("heldout"), args.seq_len, args.heldout_seqs)
-    tables = [
-        None if values is None else LayerThresholds(file.n_grid, values, file.placement)
-        for values in file.thresholds
-    ]
-    session = CalibrationSession(len(rules), file.model.num_heads, args.seq_len, rules, mode="apply", tables=tables)
-    run_sequences(model, sequences, session, "held-out check")
+def heldout_check(model, file: ThresholdFile, rules, plan: Plan) -> dict:
+    """Apply the thresholds to held-out text as serving does; kept/k per row and the densities."""
+    tables = [file.layer_thresholds(layer) for layer in range(len(rules))]
+    session = CalibrationSession(len(rules), file.model.num_heads, plan.args.seq_len, rules, mode="apply",
+                                 tables=tables, device=plan.device)
+    run_sequences(model, plan.heldout, session, plan, "held-out check")
     sparse = [layer for layer, r in enumerate(rules) if not r.dense]
     per_layer = {
         layer: float(session.kept_by_layer[layer] / session.rows_by_layer[layer].clamp(min=1)) / rules[layer].k
@@ -211,28 +395,82 @@ def heldout_check(model, tokenizer, file: ThresholdFile, rules, args) -> dict:
     }
     kept_mean = float(session.kept_by_layer.sum() / session.rows_by_layer.sum().clamp(min=1))
     k_mean = sum(rules[layer].k * float(session.rows_by_layer[layer]) for layer in sparse) / float(session.rows_by_layer.sum())
+    c: DensityCounts = session.counts
     return {
-        "data": "BBC News held-out split (every 10th article)",
-        "num_sequences": len(sequences),
-        "seq_len": args.seq_len,
+        "data": plan.corpus.heldout_description,
+        "num_sequences": len(plan.heldout),
+        "seq_len": plan.args.seq_len,
         "mean_kept_per_row": kept_mean,
         "kept_over_k": kept_mean / k_mean,
         "kept_over_k_per_layer": per_layer,
+        "element_density": c.element_density,
+        "v_row_density": c.v_row_density,
+        "v_block_density": c.v_block_density,
     }
 
 
-def print_summary(file: ThresholdFile, heldout: dict, out: str, seconds: float) -> None:
+def save_result(file: ThresholdFile, path) -> None:
+    """Write the threshold file, then drop the run's checkpoint (nothing is left to resume)."""
+    write_file(file, path)
+    checkpoint_path(Path(path)).unlink(missing_ok=True)
+
+
+def write_file(file: ThresholdFile, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(file.model_dump_json(indent=1) + "\n")
+
+
+def peak_memory() -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+    text = f"peak RSS {rss:.2f} GiB"
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        text += f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return text
+
+
+def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float, seconds_per_seq: float) -> None:
     ratios = heldout["kept_over_k_per_layer"].values()
+    grids = f"n = {file.n_grid[0]} .. {file.n_grid[-1]} ({len(file.n_grid)} points)"
+    for layer, g in file.layer_n_grid.items():
+        grids += f"; layer {layer}: {g[0]} .. {g[-1]}"
     print()
-    print(f"wrote {out}")
+    print(f"wrote {plan.out}")
     print(f"  model        {file.model.name} ({file.model.num_layers} layers, {file.model.num_heads} q / "
           f"{file.model.num_kv_heads} kv heads, head {file.model.head_size}, {file.model.fingerprint})")
-    print(f"  rule         k={file.target_k}, {file.placement}, sdc={file.compensation.sdc}, vmc={file.compensation.vmc}")
-    print(f"  grid         n = {file.n_grid[0]} .. {file.n_grid[-1]} ({len(file.n_grid)} points); beyond: {file.extrapolation}")
-    print(f"  calibration  {file.provenance.num_sequences} sequences x {file.provenance.max_seq_len} tokens")
+    layer_k = "".join(f", layer {layer}: k={k}" for layer, k in file.layer_k.items())
+    print(f"  rule         k={file.target_k}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "
+          f"vmc={file.compensation.vmc}, dense layers {file.dense_layers or 'none'}")
+    print(f"  grid         {grids}; beyond: {file.extrapolation}")
+    print(f"  data         {file.provenance.data}")
+    print(f"  calibration  {file.provenance.num_sequences} sequences x {file.provenance.max_seq_len} tokens "
+          f"on {plan.device} ({plan.dtype}), {seconds_per_seq:.1f} s per sequence")
     print(f"  held-out     {heldout['num_sequences']} sequences: mean kept {heldout['mean_kept_per_row']:.1f} per row, "
-          f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f})")
-    print(f"  time         {seconds / 60:.1f} min")
+          f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f}); "
+          f"elements {heldout['element_density']:.1%}, V rows {heldout['v_row_density']:.1%}, "
+          f"V blocks {heldout['v_block_density']:.1%} (32-token blocks)")
+    print(f"  time         {seconds / 60:.1f} min, {peak_memory()}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    config, tokenizer = load_config_and_tokenizer(args.model)
+    plan = prepare(args, config, tokenizer)
+    model = load_weights(args.model, plan.device, DTYPES[plan.dtype])
+    try:
+        run_start = time.monotonic()
+        done_before = plan.checkpoint.sequences_done()
+        file, heldout = run(plan, config, model)
+    except KeyboardInterrupt:
+        done = plan.checkpoint.sequences_done()
+        print(f"\n{PROG}: interrupted after {done} of {len(plan.calibration) + len(plan.heldout)} sequences; "
+              f"{plan.checkpoint.path} holds them. Continue with the same command plus --resume.", file=sys.stderr)
+        raise SystemExit(130) from None
+    ran = len(plan.calibration) + len(plan.heldout) - done_before
+    save_result(file, plan.out)
+    print_summary(file, heldout, plan, time.monotonic() - start, (time.monotonic() - run_start) / max(ran, 1))
 
 
 if __name__ == "__main__":

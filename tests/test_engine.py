@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from calibration.data import bbc_articles
+from vllm_topt.calibration.data import bbc_articles
 from tests.engine_run import run_engine
 
 

@@ -124,7 +124,7 @@ def test_options_reject_unknown_keys():
 
 
 def test_no_shipped_file_for_unknown_model_says_how_to_calibrate():
-    with pytest.raises(ThresholdFileError, match="calibration.calibrate"):
+    with pytest.raises(ThresholdFileError, match="vllm-topt-calibrate"):
         resolve_thresholds(ToptOptions(), fake_hf_config(vocab_size=12345), "some/model")
 
 

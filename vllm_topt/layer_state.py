@@ -56,19 +56,8 @@ class ToptProcessConfig:
         return cfg
 
     def _build_layer(self, layer: int) -> ToptLayerConfig:
-        f = self.file
-        dense = self.options.disable_sparsity or f.is_dense_layer(layer)
-        rule = ToptRule(
-            placement=f.placement,
-            sdc=f.compensation.sdc,
-            vmc=f.compensation.vmc,
-            k=f.k_for_layer(layer),
-            dense=dense,
-        )
-        if dense:
-            return ToptLayerConfig(rule, None)
-        values = f.thresholds[layer][self.heads]
-        return ToptLayerConfig(rule, LayerThresholds(f.n_grid, values, f.placement))
+        rule = self.file.rule_for_layer(layer, self.options.disable_sparsity)
+        return ToptLayerConfig(rule, None if rule.dense else self.file.layer_thresholds(layer, self.heads))
 
 
 _cache: dict[tuple[int, int], ToptProcessConfig] = {}

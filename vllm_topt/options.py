@@ -62,7 +62,7 @@ def resolve_thresholds(options: ToptOptions, hf_config, model_name: str) -> tupl
         if path is None:
             raise ThresholdFileError(
                 f"TOPT has no shipped threshold file for model {model_name}. Calibrate one with "
-                f"`python -m calibration.calibrate --model {model_name} --out thresholds.json` and pass it "
+                f"`vllm-topt-calibrate --model {model_name} --out thresholds.json` and pass it "
                 "with --additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
             )
     thresholds = _load_cached(str(path.resolve()))

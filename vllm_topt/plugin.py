@@ -18,6 +18,7 @@ CUDA_BACKEND_PATH = "vllm_topt.backends.cuda.ToptCudaBackend"
 # costs no extra V traffic, and K streams faster in longer runs (measured with
 # benchmarks/decode_cpu.py --block-size 32/64/128).
 CPU_DEFAULT_BLOCK_SIZE = 128
+CPU_DENSE_BACKEND = "--attention-backend CPU_ATTN (dense)"
 
 _registered = False
 
@@ -95,10 +96,12 @@ def _teach_cpu_platform() -> None:
 def _check_topt_config(vllm_config) -> None:
     """Fail in the front-end process, before the engine starts, on a bad set-up."""
     from vllm_topt.options import options_from_vllm_config, resolve_thresholds
+    from vllm_topt.support import check_model_supported
 
     model_config = vllm_config.model_config
     if model_config is None:
         return
+    check_model_supported(model_config.hf_config, model_config.model, CPU_DENSE_BACKEND)
     options = options_from_vllm_config(vllm_config)
     thresholds, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
     cache_config = vllm_config.cache_config

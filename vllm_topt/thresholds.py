@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_topt.reference import ToptRule
+
 SCHEMA_VERSION = 1
 PLACEMENTS = ("post-softmax", "pre-softmax")
 SDC_MODES = ("none", "exact", "exp-threshold")
@@ -138,7 +140,9 @@ class ThresholdFile(BaseModel):
     compensation: Compensation
     extrapolation: Literal["loglog-slope"] = EXTRAPOLATION_RULE
     n_grid: list[int]
-    # [layer][query head][grid point]; null for a dense layer.
+    # Layers with their own k (`layer_k`) may have their own grid (rows with n <= their k stay dense).
+    layer_n_grid: dict[int, list[int]] = Field(default_factory=dict)
+    # [layer][query head][grid point of that layer's grid]; null for a dense layer.
     thresholds: list[list[list[float]] | None]
     provenance: Provenance
 
@@ -152,14 +156,14 @@ class ThresholdFile(BaseModel):
             )
         if m.num_heads % m.num_kv_heads:
             raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
-        grid = self.n_grid
-        if len(grid) < 2 or any(b <= a for a, b in zip(grid, grid[1:])) or grid[0] < 1:
-            raise ValueError("n_grid must hold at least 2 strictly increasing positive lengths")
+        for name, grid in [("n_grid", self.n_grid)] + [(f"layer_n_grid[{i}]", g) for i, g in self.layer_n_grid.items()]:
+            if len(grid) < 2 or any(b <= a for a, b in zip(grid, grid[1:])) or grid[0] < 1:
+                raise ValueError(f"{name} must hold at least 2 strictly increasing positive lengths")
         if len(self.thresholds) != m.num_layers:
             raise ValueError(
                 f"thresholds has {len(self.thresholds)} layers, model.num_layers is {m.num_layers}"
             )
-        for layer in list(self.layer_k) + self.dense_layers:
+        for layer in list(self.layer_k) + self.dense_layers + list(self.layer_n_grid):
             if not 0 <= layer < m.num_layers:
                 raise ValueError(f"layer index {layer} out of range 0..{m.num_layers - 1}")
         if self.placement == "post-softmax" and self.compensation.sdc != "none":
@@ -173,6 +177,7 @@ class ThresholdFile(BaseModel):
                 raise ValueError(
                     f"layer {layer} has thresholds for {len(per_head)} heads, model.num_heads is {m.num_heads}"
                 )
+            grid = self.grid_for_layer(layer)
             for head, values in enumerate(per_head):
                 if len(values) != len(grid):
                     raise ValueError(
@@ -193,6 +198,26 @@ class ThresholdFile(BaseModel):
     def is_dense_layer(self, layer: int) -> bool:
         return layer in self.dense_layers
 
+    def rule_for_layer(self, layer: int, disable_sparsity: bool = False) -> ToptRule:
+        """What `layer` does with a decode row under this file."""
+        return ToptRule(
+            placement=self.placement,
+            sdc=self.compensation.sdc,
+            vmc=self.compensation.vmc,
+            k=self.k_for_layer(layer),
+            dense=disable_sparsity or self.is_dense_layer(layer),
+        )
+
+    def grid_for_layer(self, layer: int) -> list[int]:
+        return self.layer_n_grid.get(layer, self.n_grid)
+
+    def layer_thresholds(self, layer: int, heads: slice = slice(None)) -> "LayerThresholds | None":
+        """θ(n) of one layer for the query heads `heads`; None for a dense layer."""
+        values = self.thresholds[layer]
+        if values is None:
+            return None
+        return LayerThresholds(self.grid_for_layer(layer), values[heads], self.placement)
+
 
 def load_threshold_file(path: str | Path) -> ThresholdFile:
     """Parse and validate a threshold file; errors name the file and the problem."""
@@ -201,7 +226,7 @@ def load_threshold_file(path: str | Path) -> ThresholdFile:
         raise ThresholdFileError(
             f"TOPT threshold file {path} does not exist. Pass an existing file with "
             "--additional-config '{\"topt\": {\"thresholds\": \"PATH\"}}' or create one "
-            "with `python -m calibration.calibrate`."
+            "with `vllm-topt-calibrate`."
         )
     try:
         raw = json.loads(path.read_text(), parse_constant=_reject_constant)
@@ -216,7 +241,7 @@ def load_threshold_file(path: str | Path) -> ThresholdFile:
         return ThresholdFile.model_validate(raw)
     except ValidationError as exc:
         raise ThresholdFileError(
-            f"TOPT threshold file {path} is malformed:\n{exc}\nRecalibrate with `python -m calibration.calibrate`."
+            f"TOPT threshold file {path} is malformed:\n{exc}\nRecalibrate with `vllm-topt-calibrate`."
         ) from exc
 
 
@@ -234,14 +259,14 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
                 f"TOPT threshold file {path} was calibrated for {mine.name} with "
                 f"{field}={getattr(mine, field)}, but the served model has "
                 f"{field}={getattr(served, field)}. Use the thresholds of this model or "
-                "calibrate it with `python -m calibration.calibrate`."
+                "calibrate it with `vllm-topt-calibrate`."
             )
     if mine.fingerprint != served.fingerprint:
         raise ThresholdFileError(
             f"TOPT threshold file {path} was calibrated for {mine.name} (fingerprint "
             f"{mine.fingerprint}), but the served model's config has fingerprint "
             f"{served.fingerprint}. Use the thresholds of this model or calibrate it "
-            "with `python -m calibration.calibrate`."
+            "with `vllm-topt-calibrate`."
         )
 
 

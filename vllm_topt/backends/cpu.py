@@ -34,6 +34,8 @@ from vllm_topt.cpu_decode import (
 from vllm_topt.cpu_kernel import load_extension, topt_decode_paged_cpp, update_v_block_sums_cpp
 from vllm_topt.log import get_logger
 from vllm_topt.layer_state import ToptLayerConfig, build_layer_config
+from vllm_topt.plugin import CPU_DENSE_BACKEND
+from vllm_topt.support import refusal, unsupported_layer_features
 
 logger = get_logger()
 
@@ -157,19 +159,12 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
         kv_sharing_target_layer_name: str | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        unsupported = {
-            "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
-            "attention sinks": sinks is not None,
-            f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
-            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
-        }
-        missing = [name for name, present in unsupported.items() if present]
+        missing = unsupported_layer_features(
+            alibi_slopes=alibi_slopes, sliding_window=sliding_window, sinks=sinks,
+            kv_cache_dtype=kv_cache_dtype, is_decoder=attn_type == AttentionType.DECODER,
+        )
         if missing:
-            raise NotImplementedError(
-                f"TOPT does not support {', '.join(missing)} on CPU yet; serve this model with "
-                "--attention-backend CPU_ATTN (dense) instead."
-            )
+            raise refusal(missing, "on CPU", CPU_DENSE_BACKEND)
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,

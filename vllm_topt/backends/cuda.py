@@ -60,6 +60,7 @@ from vllm_topt.kernels.triton_decode import (
     update_v_block_sums,
 )
 from vllm_topt.layer_state import ToptLayerConfig, build_layer_config
+from vllm_topt.support import refusal, unsupported_layer_features
 from vllm_topt.log import get_logger
 from vllm_topt.reference import DensityCounts
 
@@ -294,23 +295,20 @@ class ToptCudaImpl(TritonAttentionImpl):
         chunk_lookback: int = -1,
     ) -> None:
         vllm_config = get_current_vllm_config()
-        unsupported = {
+        missing = unsupported_layer_features(
+            alibi_slopes=alibi_slopes, sliding_window=sliding_window, sinks=sinks,
+            kv_cache_dtype="auto" if kv_cache_dtype in ToptCudaBackend.supported_kv_cache_dtypes else kv_cache_dtype,
+            is_decoder=attn_type == AttentionType.DECODER,
+        )
+        cuda_only = {
             "speculative decoding": getattr(vllm_config, "speculative_config", None) is not None,
-            "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
-            "attention sinks": sinks is not None,
-            f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype not in ToptCudaBackend.supported_kv_cache_dtypes,
-            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
             "KV sharing across layers": kv_sharing_target_layer_name is not None,
             f"head size {head_size}": head_size not in SUPPORTED_HEAD_SIZES,
             "chunked local attention": chunk_lookback not in (-1, None),
         }
-        missing = [name for name, present in unsupported.items() if present]
+        missing += [name for name, present in cuda_only.items() if present]
         if missing:
-            raise NotImplementedError(
-                f"TOPT does not support {', '.join(missing)} on CUDA yet; serve this model with "
-                "--attention-backend TRITON_ATTN (dense) instead."
-            )
+            raise refusal(missing, "on CUDA", "--attention-backend TRITON_ATTN (dense)")
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
             logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, use_alibi_sqrt, chunk_lookback,

@@ -1,0 +1,1 @@
+"""Offline calibration of Top-θ thresholds (installed as `vllm_topt.calibration`)."""

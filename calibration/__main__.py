@@ -1,0 +1,3 @@
+from vllm_topt.calibration.calibrate import main
+
+main()

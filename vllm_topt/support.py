@@ -1,0 +1,87 @@
+"""What TOPT cannot serve, said once for calibration, the front-end check and the backends.
+
+Two views of the same list: `unsupported_model_features` reads a Hugging Face
+config (the calibration CLI before it reads any text, the plugin before the
+engine starts); `unsupported_layer_features` reads the arguments vLLM gives an
+attention layer (the backends' last line of defence in the worker). Both name
+features with the same words, and `refusal` turns the names into the one
+message that says what to do instead.
+"""
+
+from __future__ import annotations
+
+SLIDING_WINDOW = "sliding-window attention"
+ALIBI = "ALiBi"
+ATTENTION_SINKS = "attention sinks"
+MLA = "multi-head latent attention (MLA)"
+ENCODER_DECODER = "encoder-decoder attention"
+
+# Model types whose attention carries learned sink logits or ALiBi biases
+# without a config flag saying so.
+SINK_MODEL_TYPES = ("gpt_oss",)
+ALIBI_MODEL_TYPES = ("bloom",)
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model uses attention TOPT cannot serve; the message names the feature and the alternative."""
+
+
+def text_config(hf_config):
+    """The language model's config (multimodal configs nest it)."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if callable(get) else hf_config
+
+
+def has_sliding_window(cfg) -> bool:
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(kind) for kind in layer_types)
+    if getattr(cfg, "use_sliding_window", None) is False:  # Qwen2 carries a window it does not use
+        return False
+    return bool(getattr(cfg, "sliding_window", None)) or bool(getattr(cfg, "interleaved_sliding_window", None))
+
+
+def has_alibi(cfg) -> bool:
+    attn_config = getattr(cfg, "attn_config", None)
+    nested = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    return bool(getattr(cfg, "alibi", False) or nested) or getattr(cfg, "model_type", None) in ALIBI_MODEL_TYPES
+
+
+def unsupported_model_features(hf_config) -> list[str]:
+    """The features of this model's attention that TOPT refuses (empty: servable)."""
+    cfg = text_config(hf_config)
+    found = {
+        SLIDING_WINDOW: has_sliding_window(cfg),
+        ALIBI: has_alibi(cfg),
+        ATTENTION_SINKS: getattr(cfg, "model_type", None) in SINK_MODEL_TYPES,
+        MLA: getattr(cfg, "kv_lora_rank", None) is not None,
+        ENCODER_DECODER: bool(getattr(hf_config, "is_encoder_decoder", False)),
+    }
+    return [name for name, present in found.items() if present]
+
+
+def unsupported_layer_features(*, alibi_slopes, sliding_window, sinks, kv_cache_dtype: str,
+                               is_decoder: bool) -> list[str]:
+    """The same refusals, from the arguments vLLM passes an attention layer."""
+    found = {
+        ALIBI: alibi_slopes is not None,
+        SLIDING_WINDOW: sliding_window is not None,
+        ATTENTION_SINKS: sinks is not None,
+        f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
+        ENCODER_DECODER: not is_decoder,
+    }
+    return [name for name, present in found.items() if present]
+
+
+def refusal(features: list[str], where: str, dense_backend: str = "a dense backend") -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"TOPT does not support {', '.join(features)} ({where}); serve this model with "
+        f"{dense_backend} instead. No threshold file can make TOPT serve it, so none is calibrated for it."
+    )
+
+
+def check_model_supported(hf_config, model: str, dense_backend: str = "a dense backend") -> None:
+    """Raise `UnsupportedModelError` if TOPT cannot serve this model."""
+    features = unsupported_model_features(hf_config)
+    if features:
+        raise refusal(features, f"model {model}", dense_backend)
