@@ -58,7 +58,7 @@ def main(spec: dict) -> dict:
     if "tensor_parallel_size" in spec:
         kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24))
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24), ignore_eos=spec.get("ignore_eos", False))
     outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from tests.engine_run import DEFAULT_MODEL, ROOT
+from tests.model_folders import sliding_window_model, variant_of_default_model
 from tests.test_thresholds import valid_file_dict
 
 START_TIMEOUT_S = 400
@@ -143,14 +144,14 @@ def test_refuses_unknown_topt_key():
 
 
 def test_refuses_model_without_shipped_thresholds(tmp_path):
-    # The default model's config with another vocabulary size: a different model.
-    model = tmp_path / "other-model"
-    model.mkdir()
-    for f in DEFAULT_MODEL.iterdir():
-        if f.name != "config.json":
-            (model / f.name).symlink_to(f)
-    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
-    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5)
-    config["max_position_embeddings"] = 4096
-    (model / "config.json").write_text(json.dumps(config))
+    # The default model's config with another maximum length: a different model.
+    model = variant_of_default_model(tmp_path, "other-model", max_position_embeddings=4096)
     start_and_expect_refusal({}, "no shipped threshold file", model=model)
+
+
+def test_refuses_sliding_window_model_before_the_engine_starts(tmp_path):
+    # The same check (vllm_topt.support) refuses it in calibration: tests/test_calibration.py.
+    start = time.monotonic()
+    out = start_and_expect_refusal({}, "TOPT does not support sliding-window attention", model=sliding_window_model(tmp_path))
+    assert "CPU_ATTN" in out
+    assert time.monotonic() - start < START_TIMEOUT_S
