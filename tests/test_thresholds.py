@@ -82,6 +82,9 @@ def test_valid_file_loads(tmp_path):
         (lambda d: d.update(unknown_key=1), "unknown_key"),
         (lambda d: d["compensation"].update(sdc="exact"), "SDC applies to pre-softmax"),
         (lambda d: d["thresholds"].__setitem__(1, None), "layer 1 has no thresholds but is not in dense_layers"),
+        (lambda d: d.update(layer_n_grid={"1": [49, 256]}), "layer 1 head 0: 4 values for 2 grid points"),
+        (lambda d: d.update(layer_n_grid={"1": [256, 49]}), "layer_n_grid[1] must hold at least 2 strictly"),
+        (lambda d: d.update(layer_n_grid={"5": [49, 256]}), "layer index 5 out of range"),
     ],
 )
 def test_malformed_files_name_file_and_problem(tmp_path, mutate, message):
@@ -92,6 +95,17 @@ def test_malformed_files_name_file_and_problem(tmp_path, mutate, message):
         load_threshold_file(path)
     assert str(path) in str(exc.value)
     assert message in str(exc.value)
+
+
+def test_a_layer_with_its_own_grid_is_looked_up_on_it(tmp_path):
+    d = valid_file_dict()
+    d["layer_n_grid"] = {"1": [49, 100, 200, 256]}
+    f = load_threshold_file(write(tmp_path, d))
+    assert f.grid_for_layer(0) == [33, 64, 128, 256] and f.grid_for_layer(1) == [49, 100, 200, 256]
+    own = f.layer_thresholds(1).lookup(torch.tensor([49, 100]))
+    assert torch.allclose(own[:, 0], torch.tensor([2.0 / 33 / 4, 2.0 / 64 / 4], dtype=torch.float64))
+    assert f.rule_for_layer(1).k == 48 and f.rule_for_layer(0).k == 32 and f.rule_for_layer(1, True).dense
+    assert f.layer_thresholds(0, slice(2, 4)).table.shape == (2, 4)  # a rank's heads
 
 
 def test_nan_is_rejected(tmp_path):

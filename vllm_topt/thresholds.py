@@ -271,10 +271,8 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
 
 
 def shipped_config_files() -> list[Path]:
-    """Threshold files shipped with the package (wheel) or the checkout's configs/."""
-    here = Path(__file__).resolve().parent
-    dirs = [here / "configs", here.parent / "configs"]
-    return sorted(p for d in dirs if d.is_dir() for p in d.glob("*.json"))
+    """Threshold files shipped with the package (vllm_topt/configs: the checkout's configs/, or the wheel's copy)."""
+    return sorted((Path(__file__).parent / "configs").glob("*.json"))
 
 
 def find_shipped_thresholds(hf_config) -> Path | None:
