@@ -14,7 +14,7 @@ SLIDING_WINDOW = "sliding-window attention"
 ALIBI = "ALiBi"
 ATTENTION_SINKS = "attention sinks"
 MLA = "multi-head latent attention (MLA)"
-ENCODER_DECODER = "encoder-decoder attention"
+ENCODER_DECODER = "encoder or cross-attention"
 
 # Model types whose attention carries learned sink logits or ALiBi biases
 # without a config flag saying so.
