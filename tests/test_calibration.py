@@ -204,11 +204,15 @@ def test_interrupted_run_resumes_to_the_same_thresholds(tmp_path, own_data_run, 
     out = tmp_path / "X.json"
     checkpoint = calibrate.checkpoint_path(out)
     args = [*SMALL_RUN, "--data", str(user_text), "--out", str(out)]
+    # A terminal's Ctrl-C, whatever this test runs under: a runner started in the background
+    # ignores SIGINT, and children inherit that, so the child gets the default disposition back.
     proc = subprocess.Popen([sys.executable, "-m", "calibration.calibrate", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first checkpoint was seen"
     proc.send_signal(signal.SIGINT)  # Ctrl-C, after the first sequence's checkpoint
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
