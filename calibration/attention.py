@@ -216,10 +216,10 @@ def _count_density(session, layer, keep, rule, shape) -> None:
         counts.elements_kept = int(keep.sum())
         counts.v_rows_read = int(union.sum())
         counts.v_blocks_read = int(blocks.sum())
-    long = (n > rule.k).to(keep.device) if keep is not None else None
+    long = n > rule.k  # rows the threshold applies to, unless the layer is dense
     if keep is not None and not rule.dense and bool(long.any()):
         counts.thresholded_rows = B * H * int(long.sum())
-        counts.thresholded_kept = int(keep[:, :, long].sum())
+        counts.thresholded_kept = int(keep[:, :, long.to(keep.device)].sum())
         counts.thresholded_target = counts.thresholded_rows * rule.k
     session.counts.add(counts)
     session.counts_by_layer[layer].add(counts)

@@ -226,8 +226,8 @@ def prepare(args, config, tokenizer) -> Plan:
         corpus = load_corpus(args.data, tokenizer)
     except DataError as exc:
         raise CalibrationError(str(exc)) from None
-    calibration = sequences_or_fail(tokenizer, corpus.calibration, args.seq_len, args.num_seqs, "--num-seqs", corpus)
-    heldout = sequences_or_fail(tokenizer, corpus.heldout, args.seq_len, args.heldout_seqs, "--heldout-seqs", corpus)
+    calibration = sequences_or_fail(tokenizer, corpus, "calibration", args.seq_len, args.num_seqs, "--num-seqs")
+    heldout = sequences_or_fail(tokenizer, corpus, "held-out", args.seq_len, args.heldout_seqs, "--heldout-seqs")
     key = run_key(args, config, corpus, device, dtype)
     try:
         checkpoint = Checkpoint.open(checkpoint_path(out), key, resume=args.resume)
@@ -236,11 +236,11 @@ def prepare(args, config, tokenizer) -> Plan:
     return Plan(args, rules, device, dtype, out, corpus, calibration, heldout, checkpoint)
 
 
-def sequences_or_fail(tokenizer, texts, seq_len: int, count: int, flag: str, corpus: Corpus) -> list[list[int]]:
+def sequences_or_fail(tokenizer, corpus: Corpus, part: str, seq_len: int, count: int, flag: str) -> list[list[int]]:
+    texts = corpus.heldout if part == "held-out" else corpus.calibration
     try:
         return token_sequences(tokenizer, texts, seq_len, count)
     except DataError as exc:
-        part = "held-out" if flag == "--heldout-seqs" else "calibration"
         raise CalibrationError(f"the {part} split of {corpus.source}: {exc}; "
                                f"lower {flag} or --seq-len, or add data") from None
 

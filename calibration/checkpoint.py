@@ -46,7 +46,7 @@ class Checkpoint:
         key = json.loads(json.dumps(key))  # the form it takes on disk
         if not resume:
             if path.exists():
-                done = sum(p["done"] for p in _load(path)["phases"].values())
+                done = cls(path, key, _load(path)).sequences_done()
                 raise CheckpointError(f"{path} holds an interrupted run ({done} sequences done); continue it with "
                                       "--resume, or delete the file to start over")
             return cls(path, key, {"key": key, "phases": {}})

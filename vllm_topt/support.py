@@ -61,13 +61,16 @@ def unsupported_model_features(hf_config) -> list[str]:
 
 
 def unsupported_layer_features(*, alibi_slopes, sliding_window, sinks, kv_cache_dtype: str,
-                               is_decoder: bool) -> list[str]:
-    """The same refusals, from the arguments vLLM passes an attention layer."""
+                               supported_kv_cache_dtypes, is_decoder: bool) -> list[str]:
+    """The same refusals, from the arguments vLLM passes an attention layer.
+
+    `supported_kv_cache_dtypes` is the platform Backend class's declared list.
+    """
     found = {
         ALIBI: alibi_slopes is not None,
         SLIDING_WINDOW: sliding_window is not None,
         ATTENTION_SINKS: sinks is not None,
-        f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
+        f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype not in supported_kv_cache_dtypes,
         ENCODER_DECODER: not is_decoder,
     }
     return [name for name, present in found.items() if present]

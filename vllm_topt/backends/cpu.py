@@ -161,7 +161,8 @@ class ToptCpuImpl(CPUAttentionBackendImpl):
     ) -> None:
         missing = unsupported_layer_features(
             alibi_slopes=alibi_slopes, sliding_window=sliding_window, sinks=sinks,
-            kv_cache_dtype=kv_cache_dtype, is_decoder=attn_type == AttentionType.DECODER,
+            kv_cache_dtype=kv_cache_dtype, supported_kv_cache_dtypes=ToptCpuBackend.supported_kv_cache_dtypes,
+            is_decoder=attn_type == AttentionType.DECODER,
         )
         if missing:
             raise refusal(missing, "on CPU", CPU_DENSE_BACKEND)

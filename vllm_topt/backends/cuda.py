@@ -297,7 +297,7 @@ class ToptCudaImpl(TritonAttentionImpl):
         vllm_config = get_current_vllm_config()
         missing = unsupported_layer_features(
             alibi_slopes=alibi_slopes, sliding_window=sliding_window, sinks=sinks,
-            kv_cache_dtype="auto" if kv_cache_dtype in ToptCudaBackend.supported_kv_cache_dtypes else kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype, supported_kv_cache_dtypes=ToptCudaBackend.supported_kv_cache_dtypes,
             is_decoder=attn_type == AttentionType.DECODER,
         )
         cuda_only = {
