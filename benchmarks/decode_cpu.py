@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from vllm import _custom_ops as ops
 
-from vllm_topt.cpu_kernel import topt_decode_paged_cpp, update_v_block_sums_cpp
-from vllm_topt.reference import DensityCounts, ToptRule
-from vllm_topt.thresholds import load_threshold_file
+from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
+from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.config.thresholds import load_threshold_file
 
 ISA = "vec"  # vLLM's CPU attention ISA for float32 caches with 32-multiple blocks on x86
 
@@ -143,9 +143,8 @@ def layer_rules(path: str | None, num_layers: int, num_heads: int):
     if len(f.thresholds) != num_layers or len(f.thresholds[0]) != num_heads:
         raise SystemExit(f"{path} is for {len(f.thresholds)} layers x {len(f.thresholds[0])} heads, "
                          f"the capture has {num_layers} x {num_heads}: pass the capture's model's file")
-    rules = [f.rule_for_layer(layer) for layer in range(num_layers)]
-    tables = [f.layer_thresholds(layer) for layer in range(num_layers)]
-    return rules, tables, f
+    plan = f.layer_plan()
+    return [p.rule for p in plan], [p.thresholds for p in plan], f
 
 
 def relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:

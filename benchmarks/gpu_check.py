@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --interpret --smoke --out /tmp/gpu_check   # CPU, Triton interpreter
 
 Needs torch and triton only (no vLLM, no network): it imports
-`vllm_topt.kernels` and `vllm_topt.reference` from this checkout.
+`vllm_topt.kernels` and `vllm_topt.method.reference` from this checkout.
 
 1. Correctness against `topt_attention_reference` (the source of truth):
    bf16 head 128 GQA 4:1 and 8:1, ragged batches of 1..64 rows with contexts
@@ -75,9 +75,10 @@ import torch
 import triton
 
 sys.path.insert(0, str(ROOT))
-from vllm_topt.kernels import paged
+from benchmarks import cuda_paged as paged
 from vllm_topt.kernels import triton_decode as td
-from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
+from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.reference import topt_attention_reference
 
 DEVICE = "cpu" if ARGS.interpret else "cuda"
 START = time.monotonic()
@@ -333,7 +334,7 @@ def check_v_sums(smoke: bool) -> dict:
 def check_threshold_lookup(smoke: bool) -> dict:
     case = {"case": "θ(n) lookup on the device"}
     try:
-        from vllm_topt.thresholds import LayerThresholds  # needs pydantic
+        from vllm_topt.config.thresholds import LayerThresholds  # needs pydantic
     except ImportError as exc:
         return case | {"ok": True, "detail": f"skipped ({exc})"}
     def check():

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import perplexity_eval, perplexity_windows, shown  # noqa: E402
 
 from vllm_topt.calibration import calibrate as calib  # noqa: E402
-from vllm_topt.thresholds import Compensation, load_threshold_file  # noqa: E402
+from vllm_topt.config.thresholds import Compensation, load_threshold_file  # noqa: E402
 
 DEFAULT_COMPENSATION = {"post-softmax": ("none", True), "pre-softmax": ("exact", True)}
 ABLATIONS = {

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vllm_topt.reference import DensityCounts, ToptRule, kept_weights
-from vllm_topt.thresholds import LayerThresholds
+from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.reference import kept_weights
+from vllm_topt.config.thresholds import LayerThresholds
 
 ATTN_IMPL_NAME = "topt_calibrate"
 

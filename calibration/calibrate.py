@@ -41,9 +41,9 @@ from vllm_topt import __version__
 from vllm_topt.calibration.attention import ATTN_IMPL_NAME, CalibrationSession, register_attention, set_session
 from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
-from vllm_topt.reference import DensityCounts, ToptRule
-from vllm_topt.support import UnsupportedModelError, check_model_supported, text_config
-from vllm_topt.thresholds import (
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, layer_rules
+from vllm_topt.config.support import UnsupportedModelError, check_model_supported, text_config
+from vllm_topt.config.thresholds import (
     SCHEMA_VERSION,
     Compensation,
     ModelIdentity,
@@ -88,8 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibration text (repeatable): a .jsonl file ('text' or chat 'messages' per line), a "
                         "plain-text file, or a folder of .txt/.md/.jsonl files; default: BBC News 2004-05")
     p.add_argument("--k", type=int, default=32, help="target kept elements per row (default 32)")
-    p.add_argument("--placement", choices=["post-softmax", "pre-softmax"], default="post-softmax")
-    p.add_argument("--sdc", choices=["none", "exact", "exp-threshold"], default=None,
+    p.add_argument("--placement", choices=[p.value for p in Placement], default=Placement.POST_SOFTMAX.value)
+    p.add_argument("--sdc", choices=[s.value for s in Sdc], default=None,
                    help="softmax denominator compensation (pre-softmax only; default exact there)")
     p.add_argument("--no-vmc", action="store_true", help="disable V-mean compensation")
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
@@ -149,7 +149,7 @@ def check_model_args(args, config) -> list[ToptRule]:
     for layer, k in args.layer_k.items():
         if k < 1:
             raise CalibrationError(f"--layer-k {layer}:{k}: k must be at least 1")
-    rules = layer_rules(args, L)
+    rules = args_layer_rules(args, L)
     for layer, rule in enumerate(rules):
         if rule.dense or rule.k + 1 < args.seq_len:
             continue
@@ -184,14 +184,9 @@ def check_output(out: str) -> Path:
     return path
 
 
-def layer_rules(args, num_layers: int) -> list[ToptRule]:
-    return [
-        ToptRule(
-            placement=args.placement, sdc=args.sdc, vmc=not args.no_vmc,
-            k=args.layer_k.get(layer, args.k), dense=layer in args.dense_layers,
-        )
-        for layer in range(num_layers)
-    ]
+def args_layer_rules(args, num_layers: int) -> list[ToptRule]:
+    """The rules the file will hold, before it exists (the same function builds them from a file)."""
+    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k, args.layer_k, args.dense_layers)
 
 
 # ------------------------------------------------------------------ plan

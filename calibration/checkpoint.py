@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_topt.reference import DensityCounts
+from vllm_topt.method.rules import DensityCounts
 
 CHECKPOINT_SUFFIX = ".checkpoint.pt"
 # What each session mode accumulates (vllm_topt.calibration.attention.CalibrationSession).

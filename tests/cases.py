@@ -1,6 +1,6 @@
 """Rule cases shared by the fast-path tests (CPU and Triton) against the reference."""
 
-from vllm_topt.reference import ToptRule
+from vllm_topt.method.rules import ToptRule
 
 # Both placements, every SDC mode, with and without VMC, and a dense layer.
 RULES = [

@@ -31,7 +31,7 @@ def interpreter_env():
 def load_interpreted(*names: str):
     """Import (or re-import, in order) the named modules with the interpreter on."""
     with interpreter_env():
-        kernels = importlib.import_module("vllm_topt.kernels.triton_decode")
+        kernels = importlib.import_module("vllm_topt.kernels.triton.decode")
         if not kernels.INTERPRETED:
             importlib.reload(kernels)
         modules = [

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm import _custom_ops as ops
-from vllm_topt.cpu_decode import update_v_block_sums
+from vllm_topt.kernels.cpu.torch_decode import update_v_block_sums
 
 
 @dataclass

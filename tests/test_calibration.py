@@ -22,9 +22,9 @@ from tests.model_folders import sliding_window_model
 from vllm_topt.calibration import calibrate
 from vllm_topt.calibration.attention import CalibrationSession, set_session, topt_calibrate_attention
 from vllm_topt.calibration.data import HELDOUT_EVERY, DataError, bbc_articles, user_corpus
-from vllm_topt.reference import ToptRule
-from vllm_topt.support import unsupported_model_features
-from vllm_topt.thresholds import LayerThresholds, load_threshold_file
+from vllm_topt.method.rules import ToptRule
+from vllm_topt.config.support import unsupported_model_features
+from vllm_topt.config.thresholds import LayerThresholds, load_threshold_file
 
 MODEL = str(DEFAULT_MODEL)
 SMALL_RUN = ["--model", MODEL, "--num-seqs", "4", "--seq-len", "512", "--heldout-seqs", "1"]

@@ -8,9 +8,10 @@ import torch
 
 from tests.cases import RULES
 from tests.paged import build_paged_batch
-from vllm_topt.cpu_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
-from vllm_topt.cpu_kernel import topt_decode_paged_cpp, update_v_block_sums_cpp
-from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
+from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
+from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
+from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.reference import topt_attention_reference
 
 
 # Both fast paths, vectorised torch and the C++ kernel, must match the reference.
@@ -221,7 +222,7 @@ def test_cpp_v_block_sums_match_torch(dtype):
 
 def test_cpp_threshold_table_by_length_matches_per_row():
     """The backend's path: θ looked up inside the kernel from a per-length table."""
-    from vllm_topt.thresholds import LayerThresholds
+    from vllm_topt.config.thresholds import LayerThresholds
 
     rule = ToptRule("post-softmax", "none", True, k=8)
     lengths = [5, 40, 150, 97]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -81,12 +82,11 @@ def test_cuda_backend_refuses_what_its_kernel_cannot_do(member, monkeypatch):
     assert "compute capability not supported" in reasons(capability=(7, 5))
 
 
-def test_cuda_prefill_part_of_a_mixed_batch():
-    """The TRITON_ATTN metadata TOPT hands the parent for the requests after the decodes."""
+def test_batch_split_hands_the_parent_the_requests_after_the_decodes():
+    """The shared split (both platforms): decodes first, the rest sliced with vLLM's own helper."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
-    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata
 
-    from vllm_topt.backends.cuda import _prefill_part
+    from vllm_topt.backends.core import split_decode_rows
 
     # Two decodes, then prefills of 5 and 3 tokens.
     qsl = torch.tensor([0, 1, 2, 7, 10], dtype=torch.int32)
@@ -96,18 +96,36 @@ def test_cuda_prefill_part_of_a_mixed_batch():
     cam = CommonAttentionMetadata(
         query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=4, num_actual_tokens=10,
         max_query_len=5, max_seq_len=40, block_table_tensor=table, slot_mapping=slots,
+        seq_lens_cpu_upper_bound=seq_lens,
     )
-    empty = torch.empty(0)
-    full = TritonAttentionMetadata(
-        num_actual_tokens=10, max_query_len=5, query_start_loc=qsl, max_seq_len=40, seq_lens=seq_lens,
-        block_table=table, slot_mapping=slots, seq_threshold_3D=8, num_par_softmax_segments=16,
-        softmax_segm_output=empty, softmax_segm_max=empty, softmax_segm_expsum=empty, causal=True,
-    )
-    part = _prefill_part(full, cam, num_decodes=2, num_decode_tokens=2)
-    assert part.num_actual_tokens == 8 and part.max_query_len == 5
-    assert part.query_start_loc.tolist() == [0, 5, 8]
-    assert part.seq_lens.tolist() == [5, 20]
-    assert torch.equal(part.block_table, table[2:]) and torch.equal(part.slot_mapping, slots[2:])
+    num_decodes, num_decode_tokens, part = split_decode_rows(cam)
+    assert (num_decodes, num_decode_tokens) == (2, 2)
+    assert part.num_reqs == 2 and part.num_actual_tokens == 8 and part.max_query_len == 5
+    assert part.query_start_loc.tolist() == [0, 5, 8] and part.query_start_loc_cpu.tolist() == [0, 5, 8]
+    assert part.seq_lens.tolist() == [5, 20] and part.max_seq_len >= 20  # vLLM keeps an upper bound
+    assert torch.equal(part.block_table_tensor, table[2:]) and torch.equal(part.slot_mapping, slots[2:])
+    assert split_decode_rows(dataclasses.replace(cam, query_start_loc_cpu=torch.tensor([0, 1, 2, 3, 4]),
+                                                 num_actual_tokens=4))[2] is None
+    with pytest.raises(RuntimeError, match="decode requests first"):
+        split_decode_rows(dataclasses.replace(cam, query_start_loc_cpu=torch.tensor([0, 1, 6, 7, 10])))
+
+
+def test_vllm_version_outside_the_supported_range_is_refused():
+    plugin.check_vllm_version("0.32.0")
+    plugin.check_vllm_version("0.32.3+cpu")
+    for version in ("0.31.2", "0.33.0", "1.0.0"):
+        with pytest.raises(plugin.UnsupportedVllmError, match=r"supports vLLM >= 0.32, < 0.33; this is vLLM"):
+            plugin.check_vllm_version(version)
+
+
+def test_wrapped_platform_methods_pass_every_argument_through(member):
+    """The CPU wrapper forwards positional and keyword arguments it does not know to vLLM's method."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    by_keyword = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, selector(), num_heads=8)
+    by_position = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, selector(), 8)
+    assert by_keyword == by_position == AttentionBackendEnum.CPU_ATTN.get_path()
 
 
 def test_small_machines_get_a_binding_for_every_core():

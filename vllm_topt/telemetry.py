@@ -15,12 +15,29 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 
-from vllm_topt.reference import DensityCounts
+import torch
+
+from vllm_topt.method.rules import NUM_COUNTERS, DensityCounts
 
 _lock = threading.Lock()
 _per_layer: dict[int, DensityCounts] = {}
-_state = {"last_tick": time.monotonic(), "target_k": None, "disabled": False}
+_state = {"last_tick": time.monotonic()}
+# Per-layer counter tensors a device kernel adds to (COUNTER_FIELDS order, [rows, NUM_COUNTERS]);
+# moved into the per-layer counts (one sync) when a report is due.
+_device_counters: dict[int, torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """What the summary line says the run does."""
+
+    target_k: int | None
+    disable_sparsity: bool = False
+
+    def label(self) -> str:
+        return "disable_sparsity" if self.disable_sparsity else f"k={self.target_k}"
 # Forward passes by batch kind, counted once per step (at the first attention layer).
 _batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 
@@ -41,14 +58,26 @@ def batch_counts() -> dict[str, int]:
         return dict(_batches)
 
 
-def configure(target_k: int | None, disable_sparsity: bool) -> None:
-    _state["target_k"] = target_k
-    _state["disabled"] = disable_sparsity
+def register_device_counters(layer: int, counters: torch.Tensor) -> None:
+    """A layer's device counter tensor; read and zeroed at each report."""
+    with _lock:
+        _device_counters[layer] = counters
+
+
+def flush_device_counters() -> None:
+    with _lock:
+        device = list(_device_counters.items())
+    for layer, counters in device:
+        values = counters.reshape(-1, NUM_COUNTERS).sum(dim=0).tolist()
+        counters.zero_()
+        if values[0]:
+            record(layer, DensityCounts.from_counters(values))
 
 
 def reset() -> None:
     with _lock:
         _per_layer.clear()
+        _device_counters.clear()
         for kind in _batches:
             _batches[kind] = 0
 
@@ -72,25 +101,24 @@ def _human(count: int) -> str:
     return str(count)
 
 
-def summary_line(per_layer: dict[int, DensityCounts] | None = None) -> str:
+def summary_line(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode = RunMode(None)) -> str:
     t = total(per_layer)
-    mode = "disable_sparsity" if _state["disabled"] else f"k={_state['target_k']}"
     kept_over_k = "n/a" if t.kept_over_k is None else f"{t.kept_over_k:.2f}"
     return (
         f"topt: decode kept {100 * t.element_density:.1f}% of attention elements, "
         f"read {100 * t.v_row_density:.1f}% of V rows and {100 * t.v_block_density:.1f}% of V blocks "
-        f"({mode}, kept/k {kept_over_k} on rows with n > k, {_human(t.rows)} rows)"
+        f"({mode.label()}, kept/k {kept_over_k} on rows with n > k, {_human(t.rows)} rows)"
     )
 
 
-def stats_dict(per_layer: dict[int, DensityCounts] | None = None) -> dict:
+def stats_dict(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode = RunMode(None)) -> dict:
     per_layer = snapshot() if per_layer is None else per_layer
     t = total(per_layer)
     return {
         "pid": os.getpid(),
         "time": time.time(),
-        "target_k": _state["target_k"],
-        "disable_sparsity": _state["disabled"],
+        "target_k": mode.target_k,
+        "disable_sparsity": mode.disable_sparsity,
         "total": t.as_dict()
         | {
             "element_density": t.element_density,
@@ -103,20 +131,21 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None) -> dict:
     }
 
 
-def maybe_report(interval_s: float, logger, stats_file: str | None) -> None:
+def maybe_report(interval_s: float, logger, stats_file: str | None, mode: RunMode) -> None:
     """Log the summary line and write the stats file if the interval elapsed."""
     now = time.monotonic()
     if now - _state["last_tick"] < interval_s:
         return
     _state["last_tick"] = now
+    flush_device_counters()
     per_layer = snapshot()
     if not per_layer:
         return
-    logger.info(summary_line(per_layer))
+    logger.info(summary_line(per_layer, mode))
     if stats_file:
         tmp = f"{stats_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(stats_dict(per_layer), f)
+            json.dump(stats_dict(per_layer, mode), f)
         os.replace(tmp, stats_file)
 
 

@@ -15,12 +15,14 @@ import torch
 
 from tests.interpret import interpreter_env, load_interpreted
 from vllm_topt import telemetry
-from vllm_topt.kernels import paged
-from vllm_topt.layer_state import ToptLayerConfig
-from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
-from vllm_topt.thresholds import LayerThresholds
+from benchmarks import cuda_paged as paged
+from vllm_topt.config.thresholds import LayerPlan
+from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.reference import topt_attention_reference
+from vllm_topt.config.thresholds import LayerThresholds
 
-td, cuda_backend = load_interpreted("vllm_topt.kernels.triton_decode", "vllm_topt.backends.cuda")
+td, cuda_backend = load_interpreted("vllm_topt.kernels.triton.decode", "vllm_topt.backends.cuda")
+from vllm_topt.backends import core  # noqa: E402
 
 H, H_KV, D, BS = 4, 2, 64, 16
 
@@ -36,13 +38,13 @@ def topt(monkeypatch):
     rule = ToptRule("post-softmax", "none", True, k=8)
     values = [[0.08, 0.03, 0.012], [0.06, 0.02, 0.01], [0.1, 0.04, 0.02], [0.05, 0.02, 0.008]]
     config = SimpleNamespace(
-        for_layer=lambda layer: ToptLayerConfig(rule, LayerThresholds([8, 64, 256], values, "post-softmax")),
-        first_layer=0, last_layer=0, options=SimpleNamespace(telemetry_interval_s=0.0), stats_file=None,
+        for_layer=lambda layer: LayerPlan(rule, LayerThresholds([8, 64, 256], values, "post-softmax")),
+        options=SimpleNamespace(telemetry_interval_s=0.0), stats_file=None, mode=telemetry.RunMode(8),
     )
     vllm_config = SimpleNamespace(
         scheduler_config=SimpleNamespace(max_num_seqs=4), compilation_config=SimpleNamespace(cudagraph_capture_sizes=[])
     )
-    monkeypatch.setattr(cuda_backend, "build_layer_config", lambda cfg, heads: config)
+    monkeypatch.setattr(core, "process_config", lambda cfg, heads: config)
     monkeypatch.setattr(cuda_backend, "get_current_vllm_config", lambda: vllm_config)
 
     def cache_write(self, layer, key, value, kv_cache, slot_mapping):  # reshape_and_cache_flash's semantics
@@ -67,11 +69,9 @@ def decode_metadata(seq_lens, block_table, scratch, num_segments=2):
         num_par_softmax_segments=16, softmax_segm_output=empty, softmax_segm_max=empty, softmax_segm_expsum=empty,
         causal=True,
     )
-    return cuda_backend.ToptCudaMetadata(
-        **{f: getattr(base, f) for f in base.__dataclass_fields__},
-        topt_num_decodes=B, topt_num_decode_tokens=B, topt_decode_seq_lens=seq_lens, topt_decode_block_table=block_table,
-        topt_num_segments=num_segments, topt_scratch=scratch, topt_theta=torch.zeros(4, H), topt_prefill=None,
-    )
+    batch = core.ToptBatch(B, B, seq_lens, block_table, prefill=None, first_layer=0, last_layer=0)
+    return core.extend_metadata(cuda_backend.ToptCudaMetadata, base, topt=batch, topt_num_segments=num_segments,
+                                topt_scratch=scratch, topt_theta=torch.zeros(4, H))
 
 
 def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt):
@@ -141,6 +141,7 @@ def common_metadata(query_lens, seq_lens):
         query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=B,
         num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens), max_seq_len=max(seq_lens),
         block_table_tensor=torch.arange(B * 8, dtype=torch.int32).view(B, 8), slot_mapping=torch.arange(int(qsl[-1])),
+        seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
     )
 
 
@@ -167,14 +168,14 @@ def parent_build(monkeypatch):
 def test_builder_splits_decodes_from_prefills(parent_build):
     builder = builder_stub()
     mixed = builder.build(0, common_metadata([1, 1, 5, 3], [40, 9, 5, 20]))
-    assert (mixed.topt_num_decodes, mixed.topt_num_decode_tokens) == (2, 2)
-    assert mixed.topt_decode_seq_lens.tolist() == [40, 9] and mixed.topt_decode_block_table.shape[0] == 2
-    assert mixed.topt_prefill.query_start_loc.tolist() == [0, 5, 8] and mixed.topt_prefill.num_actual_tokens == 8
+    assert (mixed.topt.num_decodes, mixed.topt.num_decode_tokens) == (2, 2)
+    assert mixed.topt.decode_seq_lens.tolist() == [40, 9] and mixed.topt.decode_block_table.shape[0] == 2
+    assert mixed.topt.prefill.query_start_loc.tolist() == [0, 5, 8] and mixed.topt.prefill.num_actual_tokens == 8
     assert mixed.topt_num_segments == builder.topt_segments[2]
     decode_only = builder.build(0, common_metadata([1, 1, 1], [3, 4, 5]))
-    assert decode_only.topt_num_decodes == 3 and decode_only.topt_prefill is None
+    assert decode_only.topt.num_decodes == 3 and decode_only.topt.prefill is None
     prefill_only = builder.build(0, common_metadata([4, 2], [4, 9]))
-    assert prefill_only.topt_num_decodes == 0 and prefill_only.topt_prefill.num_actual_tokens == 6
+    assert prefill_only.topt.num_decodes == 0 and prefill_only.topt.prefill.num_actual_tokens == 6
     with pytest.raises(RuntimeError, match="decode requests first"):
         builder.build(0, common_metadata([1, 4, 1], [3, 9, 5]))
     with pytest.raises(RuntimeError, match="buffers sized for"):

@@ -2,7 +2,7 @@
 
 The cache is vLLM 0.32's CUDA layout (TRITON_ATTN's views of one
 [num_blocks, H_kv, block_size, 2d] tensor), written with the slot-mapping
-semantics of `reshape_and_cache_flash` (see `vllm_topt.kernels.paged`).
+semantics of `reshape_and_cache_flash` (see `benchmarks.cuda_paged`).
 Shapes are tiny: the interpreter runs every program in Python.
 """
 
@@ -16,10 +16,11 @@ import torch
 
 from tests.cases import RULES
 from tests.interpret import interpreter_env, load_interpreted
-from vllm_topt.kernels import paged
-from vllm_topt.reference import DensityCounts, ToptRule, topt_attention_reference
+from benchmarks import cuda_paged as paged
+from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.reference import topt_attention_reference
 
-(td,) = load_interpreted("vllm_topt.kernels.triton_decode")
+(td,) = load_interpreted("vllm_topt.kernels.triton.decode")
 assert td.INTERPRETED
 
 
@@ -274,7 +275,7 @@ def test_skipped_v_is_not_read(row_gather):
 
 def test_v_block_sums_match_cpu_rule_and_values():
     """The Triton V-sum update: equal to the CPU path's rule and to the sums of the written rows."""
-    from vllm_topt.cpu_decode import update_v_block_sums as cpu_update
+    from vllm_topt.kernels.cpu.torch_decode import update_v_block_sums as cpu_update
 
     lengths, bs = [5, 40, 33], 16
     keys, values = random_sequences(lengths, 2, 64, seed=17)
@@ -292,7 +293,7 @@ def test_v_block_sums_match_cpu_rule_and_values():
 
 @pytest.mark.parametrize("placement", ["post-softmax", "pre-softmax"])
 def test_device_threshold_lookup(placement):
-    from vllm_topt.thresholds import LayerThresholds
+    from vllm_topt.config.thresholds import LayerThresholds
 
     gen = torch.Generator().manual_seed(18)
     grid = [33, 64, 128, 256, 512]

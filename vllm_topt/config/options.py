@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vllm_topt.thresholds import (
+from vllm_topt.config.thresholds import (
     ThresholdFile,
     ThresholdFileError,
     check_matches_model,
@@ -21,7 +21,7 @@ from vllm_topt.thresholds import (
 class ToptOptions(BaseModel):
     """Every key of the `topt` block (README, "Configuration")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)  # frozen: hashable, a cache key
 
     thresholds: str | None = None
     """Path of a threshold file; default: the shipped file matching the model."""
@@ -65,12 +65,12 @@ def resolve_thresholds(options: ToptOptions, hf_config, model_name: str) -> tupl
                 f"`vllm-topt-calibrate --model {model_name} --out thresholds.json` and pass it "
                 "with --additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
             )
-    thresholds = _load_cached(str(path.resolve()))
+    thresholds = load_cached(str(path.resolve()))
     check_matches_model(thresholds, hf_config, path)
     return thresholds, path
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(path: str) -> ThresholdFile:
+def load_cached(path: str) -> ThresholdFile:
     # Every attention layer resolves the same file; parse it once per process.
     return load_threshold_file(path)

@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_topt.reference import ToptRule
+from vllm_topt.method.rules import Placement, Sdc, ToptRule, layer_rules
 
 SCHEMA_VERSION = 1
-PLACEMENTS = ("post-softmax", "pre-softmax")
-SDC_MODES = ("none", "exact", "exp-threshold")
 EXTRAPOLATION_RULE = "loglog-slope"
 # Fit the beyond-the-grid slope on grid points with n >= n_max / 2.
 EXTRAPOLATION_FIT_FRACTION = 0.5
@@ -110,7 +109,7 @@ class ModelIdentity(BaseModel):
 class Compensation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sdc: Literal["none", "exact", "exp-threshold"] = "none"
+    sdc: Sdc = Sdc.NONE
     vmc: bool = True
 
 
@@ -136,7 +135,7 @@ class ThresholdFile(BaseModel):
     target_k: int = Field(gt=0)
     layer_k: dict[int, int] = Field(default_factory=dict)
     dense_layers: list[int] = Field(default_factory=list)
-    placement: Literal["post-softmax", "pre-softmax"]
+    placement: Placement
     compensation: Compensation
     extrapolation: Literal["loglog-slope"] = EXTRAPOLATION_RULE
     n_grid: list[int]
@@ -166,7 +165,7 @@ class ThresholdFile(BaseModel):
         for layer in list(self.layer_k) + self.dense_layers + list(self.layer_n_grid):
             if not 0 <= layer < m.num_layers:
                 raise ValueError(f"layer index {layer} out of range 0..{m.num_layers - 1}")
-        if self.placement == "post-softmax" and self.compensation.sdc != "none":
+        if self.placement is Placement.POST_SOFTMAX and self.compensation.sdc is not Sdc.NONE:
             raise ValueError("SDC applies to pre-softmax placement only; set compensation.sdc to 'none'")
         for layer, per_head in enumerate(self.thresholds):
             if per_head is None:
@@ -186,7 +185,7 @@ class ThresholdFile(BaseModel):
                 for value in values:
                     if not math.isfinite(value):
                         raise ValueError(f"layer {layer} head {head}: non-finite threshold {value}")
-                    if self.placement == "post-softmax" and not 0.0 < value <= 1.0:
+                    if self.placement is Placement.POST_SOFTMAX and not 0.0 < value <= 1.0:
                         raise ValueError(
                             f"layer {layer} head {head}: post-softmax threshold {value} is not a probability in (0, 1]"
                         )
@@ -198,15 +197,18 @@ class ThresholdFile(BaseModel):
     def is_dense_layer(self, layer: int) -> bool:
         return layer in self.dense_layers
 
+    def layer_rules(self, disable_sparsity: bool = False) -> list[ToptRule]:
+        """What each layer does with a decode row under this file."""
+        return layer_rules(self.model.num_layers, self.placement, self.compensation.sdc, self.compensation.vmc,
+                           self.target_k, self.layer_k, self.dense_layers, disable_sparsity)
+
     def rule_for_layer(self, layer: int, disable_sparsity: bool = False) -> ToptRule:
-        """What `layer` does with a decode row under this file."""
-        return ToptRule(
-            placement=self.placement,
-            sdc=self.compensation.sdc,
-            vmc=self.compensation.vmc,
-            k=self.k_for_layer(layer),
-            dense=disable_sparsity or self.is_dense_layer(layer),
-        )
+        return self.layer_rules(disable_sparsity)[layer]
+
+    def layer_plan(self, heads: slice = slice(None), disable_sparsity: bool = False) -> "list[LayerPlan]":
+        """Every layer's rule and θ(n) for the query heads `heads`: the one way from a file to per-layer rules."""
+        return [LayerPlan(rule, None if rule.dense else self.layer_thresholds(layer, heads))
+                for layer, rule in enumerate(self.layer_rules(disable_sparsity))]
 
     def grid_for_layer(self, layer: int) -> list[int]:
         return self.layer_n_grid.get(layer, self.n_grid)
@@ -272,7 +274,7 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
 
 def shipped_config_files() -> list[Path]:
     """Threshold files shipped with the package (vllm_topt/configs: the checkout's configs/, or the wheel's copy)."""
-    return sorted((Path(__file__).parent / "configs").glob("*.json"))
+    return sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
 
 
 def find_shipped_thresholds(hf_config) -> Path | None:
@@ -304,7 +306,7 @@ class LayerThresholds:
         self.placement = placement
         self.log_n = torch.tensor([math.log(n) for n in n_grid], dtype=torch.float64)
         table = torch.tensor(values, dtype=torch.float64)  # [H, G]
-        self.table = table.log() if placement == "post-softmax" else table
+        self.table = table.log() if placement == Placement.POST_SOFTMAX else table
         self.slope = self._fit_slope()
         self._memo: torch.Tensor | None = None
 
@@ -317,7 +319,7 @@ class LayerThresholds:
         y = self.table[:, sel]
         xc = x - x.mean()
         slope = (y - y.mean(dim=1, keepdim=True)) @ xc / (xc @ xc)
-        if self.placement == "post-softmax":
+        if self.placement == Placement.POST_SOFTMAX:
             return slope.clamp(min=-1.0, max=0.0)
         return slope.clamp(min=0.0)
 
@@ -343,4 +345,12 @@ class LayerThresholds:
         inside = y0 + (y1 - y0) * frac
         beyond = self.table[:, -1:] + self.slope[:, None] * (x - grid[-1])
         y = torch.where(x > grid[-1], beyond, inside).T
-        return y.exp() if self.placement == "post-softmax" else y
+        return y.exp() if self.placement == Placement.POST_SOFTMAX else y
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer of a served (or benchmarked) model does: its rule and its heads' θ(n)."""
+
+    rule: ToptRule
+    thresholds: LayerThresholds | None  # None for a dense layer

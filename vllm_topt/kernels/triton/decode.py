@@ -2,8 +2,8 @@
 
 One query token per sequence (a decode row), a ragged batch (`seq_lens`), the
 cache as TRITON_ATTN stores it: `key_cache`, `value_cache` are strided views
-`[num_blocks, block_size, H_kv, d]` (see `vllm_topt.kernels.paged`), pages
-named by `block_table`. docs/SPEC.md is the meaning; `vllm_topt.reference`
+`[num_blocks, block_size, H_kv, d]` (see `benchmarks.cuda_paged`), pages
+named by `block_table`. docs/SPEC.md is the meaning; `vllm_topt.method.reference`
 is the source of truth the tests compare against.
 
 Three launches, grid (sequence, KV head, segment) for the first two; one
@@ -34,23 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_topt.reference import DensityCounts, ToptRule
+from vllm_topt.method.rules import COUNTER_FIELDS, NUM_COUNTERS, DensityCounts, Placement, Sdc, ToptRule
 
-# Counter layout: DensityCounts' fields in order, one int64 each.
-COUNTER_FIELDS = (
-    "rows",
-    "elements_visible",
-    "elements_kept",
-    "v_rows_visible",
-    "v_rows_read",
-    "v_blocks_visible",
-    "v_blocks_read",
-    "thresholded_rows",
-    "thresholded_kept",
-    "thresholded_target",
-)
-NUM_COUNTERS = len(COUNTER_FIELDS)
-SDC_CODES = {"none": 0, "exact": 1, "exp-threshold": 2}
+# Codes and counter slots the kernels compare against, from the one definition in `method.rules`.
+_SDC_EXACT = tl.constexpr(Sdc.EXACT.code)
+_SDC_EXP_THRESHOLD = tl.constexpr(Sdc.EXP_THRESHOLD.code)
+_NUM_COUNTERS = tl.constexpr(NUM_COUNTERS)
+_ROWS, _ELEMENTS_VISIBLE, _ELEMENTS_KEPT, _V_ROWS_VISIBLE, _V_ROWS_READ, _V_BLOCKS_VISIBLE, _V_BLOCKS_READ, \
+    _THRESHOLDED_ROWS, _THRESHOLDED_KEPT, _THRESHOLDED_TARGET = (
+        tl.constexpr(COUNTER_FIELDS.index(name)) for name in (
+            "rows", "elements_visible", "elements_kept", "v_rows_visible", "v_rows_read", "v_blocks_visible",
+            "v_blocks_read", "thresholded_rows", "thresholded_kept", "thresholded_target"))
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -329,9 +323,9 @@ def _topt_combine_kernel(
         if POST:
             denom = S
         else:
-            if SDC == 1:  # exact: the dropped mass itself
+            if SDC == _SDC_EXACT:  # exact: the dropped mass itself
                 dropped_mass = S - s_kept
-            elif SDC == 2:  # exp-threshold: (n - |K|) exp(θ - m)
+            elif SDC == _SDC_EXP_THRESHOLD:  # exp-threshold: (n - |K|) exp(θ - m)
                 theta = tl.load(THETA + b * stride_thb + h, mask=head_ok, other=0.0)
                 n_dropped = (n - n_kept).to(tl.float32)
                 dropped_mass = tl.where(n_dropped > 0.0, n_dropped * tl.exp(theta - m), 0.0)
@@ -354,21 +348,21 @@ def _topt_combine_kernel(
              mask=head_ok[:, None] & d_ok[None, :])
 
     if COUNT:
-        # One vector atomic of the 10 counters (COUNTER_FIELDS order); padding rows (n = 0) add nothing.
+        # One vector atomic of the counters (COUNTER_FIELDS order); padding rows (n = 0) add nothing.
         f = tl.arange(0, 16)
-        val = tl.where(f == 0, (g == 0).to(tl.int64), 0)
-        val = tl.where(f == 1, (n * G).to(tl.int64), val)
-        val = tl.where(f == 2, kept.to(tl.int64), val)
-        val = tl.where(f == 3, n.to(tl.int64), val)
-        val = tl.where(f == 4, rows_read.to(tl.int64), val)
-        val = tl.where(f == 5, num_pages.to(tl.int64), val)
-        val = tl.where(f == 6, pages_read.to(tl.int64), val)
+        val = tl.where(f == _ROWS, (g == 0).to(tl.int64), 0)
+        val = tl.where(f == _ELEMENTS_VISIBLE, (n * G).to(tl.int64), val)
+        val = tl.where(f == _ELEMENTS_KEPT, kept.to(tl.int64), val)
+        val = tl.where(f == _V_ROWS_VISIBLE, n.to(tl.int64), val)
+        val = tl.where(f == _V_ROWS_READ, rows_read.to(tl.int64), val)
+        val = tl.where(f == _V_BLOCKS_VISIBLE, num_pages.to(tl.int64), val)
+        val = tl.where(f == _V_BLOCKS_READ, pages_read.to(tl.int64), val)
         if not DENSE:
             thresholded = tl.where(sparse_row, 1, 0).to(tl.int64)
-            val = tl.where(f == 7, G * thresholded, val)
-            val = tl.where(f == 8, kept.to(tl.int64) * thresholded, val)
-            val = tl.where(f == 9, (k_target * G) * thresholded, val)
-        num_fields = tl.where(n > 0, 10, 0)
+            val = tl.where(f == _THRESHOLDED_ROWS, G * thresholded, val)
+            val = tl.where(f == _THRESHOLDED_KEPT, kept.to(tl.int64) * thresholded, val)
+            val = tl.where(f == _THRESHOLDED_TARGET, (k_target * G) * thresholded, val)
+        num_fields = tl.where(n > 0, _NUM_COUNTERS, 0)
         tl.atomic_add(CNT + b * stride_cnt + f, val, mask=f < num_fields)
 
 
@@ -471,6 +465,84 @@ def choose_num_segments(batch: int, num_kv_heads: int, max_seq_len: int | None =
     return min(triton.next_power_of_2(max(want, 1)), MAX_SEGMENTS)
 
 
+# --- launch configurations ----------------------------------------------------------------------------
+# The one place the launchers choose constexprs and launch options: `topt_decode`,
+# `DeviceThresholds.lookup` and `update_v_block_sums` call these, and so does the
+# ahead-of-time compile check (`vllm_topt.kernels.triton.aot`), which therefore
+# compiles exactly what the backend launches.
+
+
+def dot_in_fp32(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """Whether the decode kernels' dots run in fp32 (IEEE): fp32 query or cache, or the interpreter."""
+    return dtype == torch.float32 or kv_dtype == torch.float32 or INTERPRETED
+
+
+def decode_tile_tokens(head_size: int, block_size: int, dot_fp32: bool, tile_tokens: int | None = None) -> int:
+    """Keys per loop step of the scores and sparse kernels (a power of two >= the block size)."""
+    if tile_tokens is None:
+        # Keys per loop step; larger tiles spill registers at d=256 or with fp32 dots (ptxas, sm_90).
+        tile_tokens = 64 if head_size <= 128 and not dot_fp32 else 32
+    return max(triton.next_power_of_2(tile_tokens), block_size)
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """`topt_decode`'s kernel keyword arguments besides tensors, strides and scalars: per kernel its
+    constexprs and launch options (num_warps, num_stages). `sparse` is None on the dense path."""
+
+    tile_tokens: int
+    num_segments: int
+    scores: dict
+    sparse: dict | None
+    combine: dict
+
+
+def decode_launch(
+    head_size: int,
+    group_size: int,
+    block_size: int,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    rule: ToptRule,
+    *,
+    dense: bool,
+    soft_cap: bool,
+    count: bool,
+    num_segments: int,
+    tile_tokens: int | None = None,
+    row_gather: bool = False,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> DecodeLaunch:
+    """The three decode kernels' constexprs and options for one shape and rule (see `topt_decode`).
+
+    dense: the dense path (rule.dense, or no θ); soft_cap: logits soft-capping on;
+    count: counters are written; num_segments: key-range splits per row.
+    """
+    dot_fp32 = dot_in_fp32(dtype, kv_dtype)
+    tile_tokens = decode_tile_tokens(head_size, block_size, dot_fp32, tile_tokens)
+    nseg = num_segments
+    if nseg & (nseg - 1) or nseg > MAX_SEGMENTS:
+        raise ValueError(f"num_segments {nseg}: a power of two <= {MAX_SEGMENTS}")
+    vmc = rule.vmc and not dense
+    post = rule.placement is Placement.POST_SOFTMAX
+    common = {
+        "G": group_size, "GP": max(16, triton.next_power_of_2(group_size)), "D": head_size,
+        "DP": triton.next_power_of_2(head_size), "BS": block_size, "NSEG": nseg,
+    }
+    kernel_opts = {"num_warps": num_warps, "num_stages": num_stages}
+    pages = tile_tokens // block_size
+    dot_prec = "ieee" if dot_fp32 else None  # None: the default (tensor cores) for bf16/fp16
+    scores = dict(PAGES=pages, SOFTCAP=soft_cap, DENSE=dense, DOT_FP32=dot_fp32, DOT_PREC=dot_prec,
+                  **common, **kernel_opts)
+    sparse = None
+    if not dense:
+        sparse = dict(PAGES=pages, SOFTCAP=soft_cap, POST=post, VMC=vmc, ROW_GATHER=row_gather,
+                      DOT_FP32=dot_fp32, DOT_PREC=dot_prec, **common, **kernel_opts)
+    combine = dict(DENSE=dense, POST=post, SDC=rule.sdc.code, VMC=vmc, COUNT=count, **common, num_warps=4)
+    return DecodeLaunch(tile_tokens, nseg, scores, sparse, combine)
+
+
 def topt_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -529,32 +601,23 @@ def topt_decode(
         raise ValueError("VMC needs per-block V sums (v_block_sums)")
     device = query.device
     max_pages = max_pages or block_table.shape[1]
-    dot_fp32 = query.dtype == torch.float32 or key_cache.dtype == torch.float32 or INTERPRETED
-    if tile_tokens is None:
-        # Keys per loop step; larger tiles spill registers at d=256 or with fp32 dots (ptxas, sm_90).
-        tile_tokens = 64 if D <= 128 and not dot_fp32 else 32
-    tile_tokens = max(triton.next_power_of_2(tile_tokens), BS)
-    nseg = num_segments or choose_num_segments(B, H_kv, max_seq_len, tile_tokens)
-    if nseg & (nseg - 1) or nseg > MAX_SEGMENTS:
-        raise ValueError(f"num_segments {nseg}: a power of two <= {MAX_SEGMENTS}")
+    soft_cap = float(logits_soft_cap or 0.0)
+    nseg = num_segments or choose_num_segments(
+        B, H_kv, max_seq_len, decode_tile_tokens(D, BS, dot_in_fp32(query.dtype, key_cache.dtype), tile_tokens))
+    launch = decode_launch(D, G, BS, query.dtype, key_cache.dtype, rule, dense=dense, soft_cap=bool(soft_cap),
+                           count=counters is not None, num_segments=nseg, tile_tokens=tile_tokens,
+                           row_gather=row_gather, num_warps=num_warps, num_stages=num_stages)
     if scratch is None:
         scratch = ToptScratch.allocate(B, H, H_kv, D, 0 if dense else max_pages, B * nseg, device)
     scratch.check(B, H, H_kv, D, 0 if dense else max_pages)
     if out is None:
         out = torch.empty_like(query)
-    GP = max(16, triton.next_power_of_2(G))
-    DP = triton.next_power_of_2(D)
-    pages = tile_tokens // BS
-    dot_prec = "ieee" if dot_fp32 else None  # None: the default (tensor cores) for bf16/fp16
-    soft_cap = float(logits_soft_cap or 0.0)
     sc = scratch.segments(B, nseg)
     bmax = scratch.block_max
     stride_pb, stride_ph = sc.seg_max.stride(0), sc.seg_max.stride(1)
     stride_kvpb, stride_kvph = sc.seg_rows.stride(0), sc.seg_rows.stride(1)
     theta_t = scratch.dummy if dense else theta
     vsum_t = v_block_sums if vmc else scratch.dummy
-    common = {"G": G, "GP": GP, "D": D, "DP": DP, "BS": BS, "NSEG": nseg}
-    kernel_opts = {"num_warps": num_warps, "num_stages": num_stages}
 
     _topt_scores_kernel[(B, H_kv, nseg)](
         query, key_cache, value_cache, block_table, seq_lens, bmax, sc.seg_max, sc.seg_sum, sc.seg_acc,
@@ -564,8 +627,7 @@ def topt_decode(
         block_table.stride(0), bmax.stride(0), bmax.stride(1),
         stride_pb, stride_ph,
         scale, soft_cap,
-        PAGES=pages, SOFTCAP=bool(soft_cap), DENSE=dense, DOT_FP32=dot_fp32, DOT_PREC=dot_prec,
-        **common, **kernel_opts,
+        **launch.scores,
     )
     if not dense:
         _topt_sparse_kernel[(B, H_kv, nseg)](
@@ -578,9 +640,7 @@ def topt_decode(
             stride_pb, stride_ph, stride_kvpb, stride_kvph,
             theta_t.stride(0), vsum_t.stride(0), vsum_t.stride(1) if vmc else 0,
             scale, soft_cap, rule.k,
-            PAGES=pages, SOFTCAP=bool(soft_cap), POST=rule.placement == "post-softmax", VMC=vmc,
-            ROW_GATHER=row_gather, DOT_FP32=dot_fp32, DOT_PREC=dot_prec,
-            **common, **kernel_opts,
+            **launch.sparse,
         )
     cnt = counters if counters is not None else scratch.dummy
     _topt_combine_kernel[(B, H_kv)](
@@ -589,8 +649,7 @@ def topt_decode(
         out.stride(0), out.stride(1), stride_pb, stride_ph, stride_kvpb, stride_kvph,
         theta_t.stride(0), counters.stride(0) if counters is not None else 0,
         rule.k,
-        DENSE=dense, POST=rule.placement == "post-softmax", SDC=SDC_CODES[rule.sdc], VMC=vmc,
-        COUNT=counters is not None, **common, num_warps=4,
+        **launch.combine,
     )
     return out
 
@@ -601,8 +660,7 @@ def new_counters(rows: int, device="cuda") -> torch.Tensor:
 
 def counters_to_density(counters: torch.Tensor) -> DensityCounts:
     """Sum a [R, 10] counter tensor into DensityCounts (one host sync: call it off the hot path)."""
-    values = counters.reshape(-1, NUM_COUNTERS).sum(dim=0).tolist()
-    return DensityCounts(**dict(zip(COUNTER_FIELDS, values)))
+    return DensityCounts.from_counters(counters.reshape(-1, NUM_COUNTERS).sum(dim=0).tolist())
 
 
 # --- θ(n) on the device ------------------------------------------------------------------------
@@ -635,11 +693,17 @@ def _threshold_lookup_kernel(OUT, SEQ, GRID, TABLE, SLOPE, stride_ob, H, NG,
     tl.store(OUT + b * stride_ob + hh, y, mask=h_ok)
 
 
+def threshold_lookup_launch(num_heads: int, num_points: int, post: bool) -> dict:
+    """`_threshold_lookup_kernel`'s constexprs and options (see `DeviceThresholds.lookup`)."""
+    return {"HP": triton.next_power_of_2(num_heads), "NGP": triton.next_power_of_2(num_points), "POST": post,
+            "num_warps": 1}
+
+
 class DeviceThresholds:
     """One layer's `LayerThresholds` on the device: θ for every row in one launch, no host sync."""
 
     def __init__(self, layer_thresholds, device):
-        self.post = layer_thresholds.placement == "post-softmax"
+        self.post = layer_thresholds.placement == Placement.POST_SOFTMAX
         self.grid = layer_thresholds.log_n.to(device=device, dtype=torch.float32).contiguous()
         self.table = layer_thresholds.table.to(device=device, dtype=torch.float32).contiguous()  # [H, NG]
         self.slope = layer_thresholds.slope.to(device=device, dtype=torch.float32).contiguous()
@@ -653,8 +717,7 @@ class DeviceThresholds:
         if B:
             _threshold_lookup_kernel[(B,)](
                 out, seq_lens, self.grid, self.table, self.slope, out.stride(0), self.num_heads, self.num_points,
-                HP=triton.next_power_of_2(self.num_heads), NGP=triton.next_power_of_2(self.num_points),
-                POST=self.post, num_warps=1,
+                **threshold_lookup_launch(self.num_heads, self.num_points, self.post),
             )
         return out
 
@@ -684,6 +747,14 @@ def _vsum_add_kernel(VSUM, VAL, SLOT, stride_vsb, stride_vsh, stride_t, stride_h
         tl.atomic_add(VSUM + (slot // BS) * stride_vsb + h * stride_vsh + d, v, mask=d < D)
 
 
+def v_block_sum_launches(block_size: int, num_kv_heads: int, head_size: int) -> tuple[dict, dict]:
+    """(`_vsum_reset_kernel`'s, `_vsum_add_kernel`'s) constexprs and options (see `update_v_block_sums`)."""
+    hd = num_kv_heads * head_size
+    reset = {"BS": block_size, "HD": hd, "HDP": triton.next_power_of_2(hd), "num_warps": 4}
+    add = {"BS": block_size, "D": head_size, "DP": triton.next_power_of_2(head_size), "num_warps": 1}
+    return reset, add
+
+
 def update_v_block_sums(v_block_sums: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
                         block_size: int) -> None:
     """Σ v per (block, KV head) as the cache is written (same rule as the CPU path's).
@@ -701,9 +772,7 @@ def update_v_block_sums(v_block_sums: torch.Tensor, value: torch.Tensor, slot_ma
         raise ValueError("v_block_sums must be contiguous within a block")
     if value.stride(-1) != 1:
         value = value.contiguous()
-    hd = H_kv * D
-    _vsum_reset_kernel[(T,)](v_block_sums, slot_mapping, v_block_sums.stride(0), BS=block_size, HD=hd,
-                             HDP=triton.next_power_of_2(hd), num_warps=4)
+    reset, add = v_block_sum_launches(block_size, H_kv, D)
+    _vsum_reset_kernel[(T,)](v_block_sums, slot_mapping, v_block_sums.stride(0), **reset)
     _vsum_add_kernel[(T, H_kv)](v_block_sums, value, slot_mapping, v_block_sums.stride(0), v_block_sums.stride(1),
-                                value.stride(0), value.stride(1), BS=block_size, D=D,
-                                DP=triton.next_power_of_2(D), num_warps=1)
+                                value.stride(0), value.stride(1), **add)

@@ -1,68 +1,16 @@
 """The Top-θ reference: SPEC §2-5 in plain torch, one sequence at a time.
 
-Slow and obvious on purpose. Every fast path is tested against
+Slow and obvious on purpose. The types (`ToptRule`, `DensityCounts`) live in
+`vllm_topt.method.rules`. Every fast path is tested against
 `topt_attention_reference`; read docs/SPEC.md beside this file's comments.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-
 import torch
 
-
-@dataclass(frozen=True)
-class ToptRule:
-    """What one layer does with a decode row (from the threshold file)."""
-
-    placement: str = "post-softmax"  # "post-softmax" | "pre-softmax"
-    sdc: str = "none"  # "none" | "exact" | "exp-threshold" (pre-softmax only)
-    vmc: bool = True
-    k: int = 64
-    dense: bool = False  # dense layer, or sparsity disabled
-
-
-@dataclass
-class DensityCounts:
-    """SPEC §7 accounting. "visible" is what dense attention would touch."""
-
-    rows: int = 0
-    elements_visible: int = 0
-    elements_kept: int = 0
-    v_rows_visible: int = 0
-    v_rows_read: int = 0
-    v_blocks_visible: int = 0
-    v_blocks_read: int = 0
-    # Query-head rows the threshold applied to (n > k, layer not dense), the
-    # elements they kept, and their target (k per row): kept/k = kept / target.
-    thresholded_rows: int = 0
-    thresholded_kept: int = 0
-    thresholded_target: int = 0
-
-    def add(self, other: "DensityCounts") -> "DensityCounts":
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        return self
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def element_density(self) -> float:
-        return self.elements_kept / max(self.elements_visible, 1)
-
-    @property
-    def v_row_density(self) -> float:
-        return self.v_rows_read / max(self.v_rows_visible, 1)
-
-    @property
-    def v_block_density(self) -> float:
-        return self.v_blocks_read / max(self.v_blocks_visible, 1)
-
-    @property
-    def kept_over_k(self) -> float | None:
-        return self.thresholded_kept / self.thresholded_target if self.thresholded_target else None
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule
 
 
 def keep_mask(scores: torch.Tensor, theta: torch.Tensor, rule: ToptRule) -> torch.Tensor:
@@ -73,7 +21,7 @@ def keep_mask(scores: torch.Tensor, theta: torch.Tensor, rule: ToptRule) -> torc
     n = scores.shape[-1]
     if rule.dense or n <= rule.k:
         return torch.ones_like(scores, dtype=torch.bool)
-    if rule.placement == "post-softmax":
+    if rule.placement is Placement.POST_SOFTMAX:
         p = torch.softmax(scores, dim=-1)
         return p > theta[..., None]
     return scores > theta[..., None]
@@ -84,14 +32,14 @@ def kept_weights(scores: torch.Tensor, keep: torch.Tensor, theta: torch.Tensor, 
     m = scores.max(dim=-1, keepdim=True).values
     e = torch.exp(scores - m)
     S = e.sum(dim=-1, keepdim=True)
-    if rule.dense or rule.placement == "post-softmax":
+    if rule.dense or rule.placement is Placement.POST_SOFTMAX:
         # Post-softmax keeps the dense probabilities of the kept elements.
         return torch.where(keep, e / S, torch.zeros_like(e))
     e_kept = torch.where(keep, e, torch.zeros_like(e))
     S_K = e_kept.sum(dim=-1, keepdim=True)
-    if rule.sdc == "exact":
+    if rule.sdc is Sdc.EXACT:
         D = S - S_K
-    elif rule.sdc == "exp-threshold":
+    elif rule.sdc is Sdc.EXP_THRESHOLD:
         # Masked positions (score -inf) are not visible, so never "dropped".
         dropped = (~keep & torch.isfinite(scores)).sum(dim=-1, keepdim=True).to(e.dtype)
         D = dropped * torch.exp(theta[..., None].to(e.dtype) - m)

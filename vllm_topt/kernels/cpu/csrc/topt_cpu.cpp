@@ -11,12 +11,14 @@
 //      are read, row by row (a dropped row costs no memory traffic on a CPU);
 //      VMC adds the chunk's per-block V sums;
 //   C. per head: sum the chunks, apply the SPEC §4 denominator and VMC.
-// Semantics: vllm_topt/reference.py (SPEC §2-5).
+// Semantics: vllm_topt/method/reference.py (SPEC §2-5). Registered as the torch
+// op torch.ops.vllm_topt.topt_decode (schema at the end of this file).
 //
 // Layout (vLLM CPU_ATTN, ISA "vec"): a K block is stored transposed,
 // [head_size][block_size]; a V block row-major, [block_size][head_size].
 
-#include <torch/extension.h>
+#include <torch/all.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX2__)
@@ -34,13 +36,19 @@
 
 namespace {
 
-enum Placement { kPostSoftmax = 0, kPreSoftmax = 1 };
-enum Sdc { kSdcNone = 0, kSdcExact = 1, kSdcExpThreshold = 2 };
+// The codes are vllm_topt.method.rules' enums, passed by the build
+// (vllm_topt/kernels/cpu/cpp.py) as -D flags: one definition, in Python.
+#if !defined(TOPT_PLACEMENT_POST_SOFTMAX) || !defined(TOPT_PLACEMENT_PRE_SOFTMAX) || !defined(TOPT_SDC_NONE) || \
+    !defined(TOPT_SDC_EXACT) || !defined(TOPT_SDC_EXP_THRESHOLD) || !defined(TOPT_MAX_BLOCK_SIZE)
+#error "build through vllm_topt.kernels.cpu.cpp, which passes the placement and SDC codes"
+#endif
+enum Placement : int64_t { kPostSoftmax = TOPT_PLACEMENT_POST_SOFTMAX, kPreSoftmax = TOPT_PLACEMENT_PRE_SOFTMAX };
+enum Sdc : int64_t { kSdcNone = TOPT_SDC_NONE, kSdcExact = TOPT_SDC_EXACT, kSdcExpThreshold = TOPT_SDC_EXP_THRESHOLD };
 
 // Counts per (sequence, KV head): kept elements, V rows read, V blocks read,
 // kept elements in thresholded rows.
 constexpr int kNumCounts = 4;
-constexpr int64_t kMaxBlockSize = 256;
+constexpr int64_t kMaxBlockSize = TOPT_MAX_BLOCK_SIZE;  // MAX_BLOCK_SIZE in cpp.py
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 template <typename T>
@@ -535,21 +543,31 @@ float* score_scratch(int64_t floats) {
 }  // namespace
 
 // Top-θ decode for B sequences, one query each. Writes out [B, H, d] (float32,
-// contiguous) and returns the batch totals: kept elements, V rows read, V
-// blocks read, kept in thresholded rows, keys (Σ n), blocks (Σ ceil(n / bs)),
-// thresholded sequences. theta: float32, [B, H] per row or, with
-// theta_by_length, [N > max n, H] per row length; empty for dense. A
-// sequence is thresholded when theta is given and n > k.
-std::vector<int64_t> topt_decode(
-    torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-    torch::Tensor block_table, torch::Tensor seq_lens, torch::Tensor theta, bool theta_by_length,
-    torch::Tensor v_block_sums, int64_t k, int64_t placement, int64_t sdc, bool vmc, double scale, double soft_cap) {
+// contiguous) and returns the batch totals, named in the op schema below.
+// theta: float32, [B, H] per row or, with theta_by_length, [N > max n, H] per
+// row length; None for dense. A sequence is thresholded when theta is given
+// and n > k.
+using Totals = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+Totals topt_decode(
+    const torch::Tensor& out, const torch::Tensor& query_in, const torch::Tensor& key_cache,
+    const torch::Tensor& value_cache, const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+    const std::optional<torch::Tensor>& theta_in, bool theta_by_length,
+    const std::optional<torch::Tensor>& v_block_sums_in, int64_t k, int64_t placement, int64_t sdc, bool vmc,
+    double scale, double soft_cap) {
+  TORCH_CHECK(placement == kPostSoftmax || placement == kPreSoftmax, "unknown placement code ", placement);
+  TORCH_CHECK(sdc == kSdcNone || sdc == kSdcExact || sdc == kSdcExpThreshold, "unknown SDC code ", sdc);
+  const bool has_theta = theta_in.has_value() && theta_in->numel() > 0;
+  const bool has_sums = v_block_sums_in.has_value() && v_block_sums_in->numel() > 0;
+  const torch::Tensor theta = has_theta ? *theta_in : torch::Tensor();
+  const torch::Tensor v_block_sums = has_sums ? *v_block_sums_in : torch::Tensor();
+  torch::Tensor query = query_in;
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous(), "out: contiguous float32");
   TORCH_CHECK(key_cache.stride(3) == 1 && key_cache.stride(2) == key_cache.size(3), "K block must be dense");
   TORCH_CHECK(block_table.dtype() == torch::kInt32 && seq_lens.dtype() == torch::kInt32, "int32 tables");
   TORCH_CHECK(key_cache.size(2) <= kMaxBlockSize, "block size above ", kMaxBlockSize);
-  TORCH_CHECK(theta.numel() == 0 || (theta.dtype() == torch::kFloat32 && theta.is_contiguous()), "theta: float32");
-  TORCH_CHECK(v_block_sums.numel() == 0 || v_block_sums.dtype() == torch::kFloat32, "v_block_sums: float32");
+  TORCH_CHECK(!has_theta || (theta.dtype() == torch::kFloat32 && theta.is_contiguous()), "theta: float32");
+  TORCH_CHECK(!has_sums || v_block_sums.dtype() == torch::kFloat32, "v_block_sums: float32");
   if (query.dtype() != torch::kFloat32 || !query.is_contiguous()) query = query.to(torch::kFloat32).contiguous();
   const int64_t B = query.size(0), H = query.size(1), Hkv = key_cache.size(1), bs = key_cache.size(2);
   TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == query.size(2), "out: [B, H, d]");
@@ -559,8 +577,8 @@ std::vector<int64_t> topt_decode(
   std::vector<int64_t> totals(7, 0);
   for (int64_t b = 0; b < B; ++b) {
     block_offsets[b + 1] = block_offsets[b] + (lens[b] + bs - 1) / bs;
-    sparse[b] = theta.numel() > 0 && lens[b] > k;
-    TORCH_CHECK(!theta_by_length || theta.numel() == 0 || lens[b] < theta.size(0), "theta table shorter than row ", lens[b]);
+    sparse[b] = has_theta && lens[b] > k;
+    TORCH_CHECK(!theta_by_length || !has_theta || lens[b] < theta.size(0), "theta table shorter than row ", lens[b]);
     totals[4] += lens[b];
     totals[6] += sparse[b];
   }
@@ -574,14 +592,14 @@ std::vector<int64_t> topt_decode(
     P.value_cache = value_cache.data_ptr<T>();
     P.block_table = block_table.data_ptr<int32_t>();
     P.seq_lens = lens;
-    P.theta = theta.numel() ? theta.data_ptr<float>() : nullptr;
+    P.theta = has_theta ? theta.data_ptr<float>() : nullptr;
     P.theta_by_length = theta_by_length;
     P.sparse = sparse.get();
-    P.v_block_sums = v_block_sums.numel() ? v_block_sums.data_ptr<float>() : nullptr;
+    P.v_block_sums = has_sums ? v_block_sums.data_ptr<float>() : nullptr;
     P.table_stride = block_table.stride(0);
     P.cache_block_stride = key_cache.stride(0);
     P.cache_head_stride = key_cache.stride(1);
-    P.sums_block_stride = v_block_sums.numel() ? v_block_sums.stride(0) : 0;
+    P.sums_block_stride = has_sums ? v_block_sums.stride(0) : 0;
     P.B = B;
     P.H = H;
     P.d = query.size(2);
@@ -606,14 +624,14 @@ std::vector<int64_t> topt_decode(
   else TORCH_CHECK(false, "unsupported KV cache dtype ", dtype);
   for (int64_t i = 0; i < B * Hkv; ++i)
     for (int j = 0; j < kNumCounts; ++j) totals[j] += counts[i * kNumCounts + j];
-  return totals;
+  return {totals[0], totals[1], totals[2], totals[3], totals[4], totals[5], totals[6]};
 }
 
 // Σ v per (block, KV head) as the cache is written; a write at offset 0
 // starts the block's sum afresh (a block is always filled from offset 0).
 // v_block_sums: [num_blocks, H_kv, d] float32; value: [N, H_kv, d]; slots: [>= N], -1 = padding.
-void update_v_block_sums(torch::Tensor v_block_sums, torch::Tensor value, torch::Tensor slot_mapping,
-                         int64_t block_size) {
+void update_v_block_sums(const torch::Tensor& v_block_sums, const torch::Tensor& value,
+                         const torch::Tensor& slot_mapping, int64_t block_size) {
   TORCH_CHECK(v_block_sums.dtype() == torch::kFloat32 && v_block_sums.is_contiguous(), "sums: contiguous float32");
   TORCH_CHECK(slot_mapping.dtype() == torch::kInt64, "slot_mapping: int64");
   auto v = value.to(torch::kFloat32).contiguous();
@@ -632,7 +650,15 @@ void update_v_block_sums(torch::Tensor v_block_sums, torch::Tensor value, torch:
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("topt_decode", &topt_decode, "Top-θ decode attention over the CPU paged KV cache");
-  m.def("update_v_block_sums", &update_v_block_sums, "per-block V sums, updated at KV-cache write time");
+// The typed ops: named arguments (Python may pass them by keyword) and named
+// results; vllm_topt/kernels/cpu/cpp.py reads the result names from this schema.
+TORCH_LIBRARY(vllm_topt, m) {
+  m.def(
+      "topt_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
+      "Tensor seq_lens, Tensor? theta, bool theta_by_length, Tensor? v_block_sums, int k, int placement, int sdc, "
+      "bool vmc, float scale, float soft_cap) -> (int elements_kept, int v_rows_read, int v_blocks_read, "
+      "int thresholded_kept, int keys, int blocks, int thresholded_seqs)");
+  m.impl("topt_decode", torch::kCPU, &topt_decode);
+  m.def("update_v_block_sums(Tensor(a!) v_block_sums, Tensor value, Tensor slot_mapping, int block_size) -> ()");
+  m.impl("update_v_block_sums", torch::kCPU, &update_v_block_sums);
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_topt.reference import DensityCounts, ToptRule
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule
 
 # Layouts of one K block inside vLLM's CPU cache, by attention ISA:
 # "vec"/"vec16" store K transposed ([head_size, block_size]) for the dot products.
@@ -89,10 +89,10 @@ def topt_decode_paged(
         th = theta.float().view(B, H_kv, G, 1)
         p = e / S
         # Invisible positions have p = 0 < θ and s = -inf, so they are never kept.
-        keep = (p > th) if rule.placement == "post-softmax" else (scores > th)
+        keep = (p > th) if rule.placement is Placement.POST_SOFTMAX else (scores > th)
         if bool(short.any()):
             keep[short] = visible[short].expand(-1, H_kv, G, N)
-        if rule.placement == "post-softmax":
+        if rule.placement is Placement.POST_SOFTMAX:
             weights = p.masked_fill_(~keep, 0.0)  # kept elements keep their dense p
         else:
             weights = _pre_softmax_weights(e, S, m, keep, visible, th, rule)
@@ -115,9 +115,9 @@ def _pre_softmax_weights(e, S, m, keep, visible, th, rule: ToptRule) -> torch.Te
     """SPEC §4 for pre-softmax placement: kept exp-scores over S_K + D."""
     e_kept = e.masked_fill(~keep, 0.0)
     S_K = e_kept.sum(dim=-1, keepdim=True)
-    if rule.sdc == "exact":
+    if rule.sdc is Sdc.EXACT:
         D = S - S_K
-    elif rule.sdc == "exp-threshold":
+    elif rule.sdc is Sdc.EXP_THRESHOLD:
         dropped = (visible & ~keep).sum(dim=-1, keepdim=True).to(e.dtype)
         D = dropped * torch.exp(th - m)
     else:

@@ -1,0 +1,1 @@
+"""Configuration: the `topt` options block, threshold files, per-layer plans, what TOPT refuses."""

@@ -1,0 +1,118 @@
+"""The C++ Top-θ CPU decode kernel (`csrc/topt_cpu.cpp`): build, load, call.
+
+The source registers typed torch ops (`torch.ops.vllm_topt.topt_decode`,
+`...update_v_block_sums`) with a schema: named arguments, named results. It is
+built on first use (about a minute) into torch's extension cache, or ahead of
+time with `python -m vllm_topt.kernels.cpu.cpp` (`make setup` does this). The
+placement and SDC codes are compiled in from `vllm_topt.method.rules`, so the
+C++ and Python enums cannot disagree. Same contract as
+`torch_decode.topt_decode_paged`; both are tested against the reference.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from pathlib import Path
+
+import torch
+
+from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, density_counts_from_totals
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
+EXTENSION_NAME = "vllm_topt_cpu"
+# Largest KV block the kernel takes (its per-block score buffers are sized by it).
+MAX_BLOCK_SIZE = 256
+
+
+def code_defines() -> list[str]:
+    """-D flags that give the C++ source the Python codes and limits."""
+    return ([f"-DTOPT_PLACEMENT_{p.name}={p.code}" for p in Placement] + [f"-DTOPT_SDC_{s.name}={s.code}" for s in Sdc]
+            + [f"-DTOPT_MAX_BLOCK_SIZE={MAX_BLOCK_SIZE}"])
+
+
+@functools.lru_cache(maxsize=1)
+def load_extension():
+    """Build (if needed) and load the library; returns `torch.ops.vllm_topt`."""
+    from torch.utils.cpp_extension import load
+
+    load(
+        name=EXTENSION_NAME,
+        sources=[str(SOURCE)],
+        # -fopenmp: ATen's parallel_for is an OpenMP region compiled into this extension.
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", *code_defines()],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.vllm_topt
+
+
+@functools.lru_cache(maxsize=1)
+def decode_totals_type():
+    """A named tuple of `topt_decode`'s results, named as the op schema names them."""
+    schema = load_extension().topt_decode.default._schema
+    return collections.namedtuple("DecodeTotals", [r.name for r in schema.returns])
+
+
+def topt_decode_paged_cpp(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    theta: torch.Tensor | None,
+    rule: ToptRule,
+    scale: float,
+    key_layout: str = KEY_LAYOUT_TRANSPOSED,
+    v_block_sums: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
+    theta_by_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, DensityCounts]:
+    """Same contract as `torch_decode.topt_decode_paged`; `out` ([B, H, d] contiguous float32) is
+    written in place when given, and returned (as the query's dtype). Instead of per-row
+    `theta`, the kernel can look thresholds up itself in `theta_by_length` ([N > max n, H]
+    float32, `LayerThresholds.table`), which saves the per-layer torch ops of a lookup."""
+    if key_layout != KEY_LAYOUT_TRANSPOSED:
+        raise NotImplementedError("the C++ kernel reads the transposed K layout of vLLM's 'vec' CPU ISA")
+    sparse = not rule.dense and (theta is not None or theta_by_length is not None)
+    if sparse and rule.vmc and v_block_sums is None:
+        raise ValueError("VMC needs per-block V sums (v_block_sums)")
+    B, H, d = query.shape
+    out = torch.empty(B, H, d) if out is None else out
+    by_length = theta_by_length is not None
+    if sparse:
+        theta = theta_by_length if by_length else theta.float().contiguous()
+    totals = decode_totals_type()(*load_extension().topt_decode(
+        out=out, query=query, key_cache=key_cache, value_cache=value_cache, block_table=_int32(block_table),
+        seq_lens=_int32(seq_lens), theta=theta if sparse else None, theta_by_length=by_length,
+        v_block_sums=v_block_sums if (sparse and rule.vmc) else None, k=rule.k, placement=rule.placement.code,
+        sdc=rule.sdc.code, vmc=rule.vmc, scale=float(scale), soft_cap=float(logits_soft_cap or 0.0),
+    ))
+    counts = density_counts_from_totals(
+        B, totals.keys, totals.blocks, totals.thresholded_seqs, H, key_cache.shape[1], rule.k,
+        totals.elements_kept, totals.v_rows_read, totals.v_blocks_read, totals.thresholded_kept,
+    )
+    return out.to(query.dtype), counts
+
+
+def update_v_block_sums_cpp(
+    v_block_sums: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, block_size: int
+) -> None:
+    """C++ twin of `torch_decode.update_v_block_sums` (same semantics, no per-call torch ops)."""
+    load_extension().update_v_block_sums(
+        v_block_sums=v_block_sums, value=value, slot_mapping=slot_mapping.to(torch.int64), block_size=block_size,
+    )
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+if __name__ == "__main__":
+    from torch.utils.cpp_extension import _get_build_directory
+
+    load_extension()
+    print(f"built {EXTENSION_NAME} in {_get_build_directory(EXTENSION_NAME, verbose=False)}")

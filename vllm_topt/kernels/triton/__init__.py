@@ -1,0 +1,1 @@
+"""Top-θ decode on CUDA in Triton (`decode`), importable without vLLM."""

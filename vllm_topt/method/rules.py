@@ -1,0 +1,119 @@
+"""The method's types: placement and compensation codes, a layer's rule, the SPEC §7 counts.
+
+Every kernel takes the codes from here: the C++ kernel is compiled with them
+(`kernels/cpu/cpp.py` passes them as -D flags), the Triton kernels receive
+them as constexprs, and `DensityCounts`' field order is the order of the
+device counter tensors. There is no other definition.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+
+class _Coded(str, enum.Enum):
+    """A string-valued enum whose kernel code is its position in the declaration."""
+
+    @property
+    def code(self) -> int:
+        return list(type(self)).index(self)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Placement(_Coded):
+    """Where the threshold applies (SPEC §2): to probabilities or to scores."""
+
+    POST_SOFTMAX = "post-softmax"
+    PRE_SOFTMAX = "pre-softmax"
+
+
+class Sdc(_Coded):
+    """Softmax-denominator compensation for pre-softmax placement (SPEC §4)."""
+
+    NONE = "none"
+    EXACT = "exact"
+    EXP_THRESHOLD = "exp-threshold"
+
+
+@dataclass(frozen=True)
+class ToptRule:
+    """What one layer does with a decode row (from the threshold file)."""
+
+    placement: Placement = Placement.POST_SOFTMAX
+    sdc: Sdc = Sdc.NONE  # pre-softmax only
+    vmc: bool = True
+    k: int = 64
+    dense: bool = False  # dense layer, or sparsity disabled
+
+    def __post_init__(self) -> None:
+        # Accept the file's strings; keep the enums (and so their codes) inside.
+        object.__setattr__(self, "placement", Placement(self.placement))
+        object.__setattr__(self, "sdc", Sdc(self.sdc))
+
+
+def layer_rules(num_layers: int, placement: str, sdc: str, vmc: bool, k: int, layer_k: dict[int, int],
+                dense_layers, disable_sparsity: bool = False) -> list[ToptRule]:
+    """Every layer's rule from a file's (or the calibration CLI's) settings; the one place they combine."""
+    dense = set(dense_layers)
+    return [
+        ToptRule(placement=placement, sdc=sdc, vmc=vmc, k=layer_k.get(layer, k),
+                 dense=disable_sparsity or layer in dense)
+        for layer in range(num_layers)
+    ]
+
+
+@dataclass
+class DensityCounts:
+    """SPEC §7 accounting. "visible" is what dense attention would touch.
+
+    The field order is the counter order of the device kernels (`COUNTER_FIELDS`).
+    """
+
+    rows: int = 0
+    elements_visible: int = 0
+    elements_kept: int = 0
+    v_rows_visible: int = 0
+    v_rows_read: int = 0
+    v_blocks_visible: int = 0
+    v_blocks_read: int = 0
+    # Query-head rows the threshold applied to (n > k, layer not dense), the
+    # elements they kept, and their target (k per row): kept/k = kept / target.
+    thresholded_rows: int = 0
+    thresholded_kept: int = 0
+    thresholded_target: int = 0
+
+    def add(self, other: "DensityCounts") -> "DensityCounts":
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_counters(cls, values) -> "DensityCounts":
+        """From a counter vector in `COUNTER_FIELDS` order."""
+        return cls(**dict(zip(COUNTER_FIELDS, (int(v) for v in values))))
+
+    @property
+    def element_density(self) -> float:
+        return self.elements_kept / max(self.elements_visible, 1)
+
+    @property
+    def v_row_density(self) -> float:
+        return self.v_rows_read / max(self.v_rows_visible, 1)
+
+    @property
+    def v_block_density(self) -> float:
+        return self.v_blocks_read / max(self.v_blocks_visible, 1)
+
+    @property
+    def kept_over_k(self) -> float | None:
+        return self.thresholded_kept / self.thresholded_target if self.thresholded_target else None
+
+
+COUNTER_FIELDS = tuple(f.name for f in fields(DensityCounts))
+NUM_COUNTERS = len(COUNTER_FIELDS)
