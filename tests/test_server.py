@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL) -> list[str]:
+def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL, extra_args=()) -> list[str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", "default",
@@ -37,7 +37,7 @@ def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL) ->
     ]
     if topt is not None:
         cmd += ["--additional-config", json.dumps({"topt": topt})]
-    return cmd
+    return cmd + list(extra_args)
 
 
 def server_env() -> dict:
@@ -117,14 +117,21 @@ def test_concurrent_requests_and_telemetry_line(server):
     assert kept < 50.0, lines[-1]
 
 
-def start_and_expect_refusal(topt: dict, expected: str, model: Path = DEFAULT_MODEL) -> str:
+# A front-end refusal: the API server process exits before any engine process starts.
+FRONT_END_REFUSAL_S = 120
+
+
+def start_and_expect_refusal(topt: dict, expected: str, model: Path = DEFAULT_MODEL, extra_args=()) -> str:
+    start = time.monotonic()
     proc = subprocess.run(
-        server_command(free_port(), topt, model), cwd=ROOT, env=server_env(),
+        server_command(free_port(), topt, model, extra_args), cwd=ROOT, env=server_env(),
         capture_output=True, text=True, timeout=START_TIMEOUT_S,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
     assert expected in output, output[-3000:]
+    assert "EngineCore" not in output, "refused only after an engine process started:\n" + output[-3000:]
+    assert time.monotonic() - start < FRONT_END_REFUSAL_S, output[-3000:]
     return output
 
 
@@ -151,7 +158,26 @@ def test_refuses_model_without_shipped_thresholds(tmp_path):
 
 def test_refuses_sliding_window_model_before_the_engine_starts(tmp_path):
     # The same check (vllm_topt.config.support) refuses it in calibration: tests/test_calibration.py.
-    start = time.monotonic()
     out = start_and_expect_refusal({}, "TOPT does not support sliding-window attention", model=sliding_window_model(tmp_path))
     assert "CPU_ATTN" in out
-    assert time.monotonic() - start < START_TIMEOUT_S
+
+
+# Every other refusal of ToptBackendMixin.config_refusals / the CPU kernel check, through the real front end.
+FRONT_END_REFUSALS = {
+    "fp8-kv-cache": ((), ["--kv-cache-dtype", "fp8"], "TOPT does not support KV cache dtype fp8"),
+    "block-size-over-kernel-limit": ((), ["--block-size", "512"], "at most 256 tokens"),
+    "pipeline-parallelism": ((), ["--pipeline-parallel-size", "2"], "TOPT does not support pipeline parallelism"),
+    "speculative-decoding": ((), ["--speculative-config", json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})],
+        "TOPT does not support speculative decoding"),
+    "alibi": ({"alibi": True}, [], "TOPT does not support ALiBi"),
+    "kv-sharing": ({"num_kv_shared_layers": 2}, [], "TOPT does not support KV sharing across layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(FRONT_END_REFUSALS))
+def test_front_end_refuses_what_topt_cannot_serve(tmp_path, case):
+    config_changes, args, expected = FRONT_END_REFUSALS[case]
+    model = variant_of_default_model(tmp_path, case, **dict(config_changes)) if config_changes else DEFAULT_MODEL
+    out = start_and_expect_refusal({}, expected, model=model, extra_args=args)
+    assert "CPU_ATTN" in out or "cpu_kernel" in out or "--block-size" in out
