@@ -58,13 +58,19 @@ def main(spec: dict) -> dict:
     if "tensor_parallel_size" in spec:
         kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24), ignore_eos=spec.get("ignore_eos", False))
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24), ignore_eos=spec.get("ignore_eos", False),
+                            logprobs=spec.get("logprobs"))
     outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
-    return {
+    result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
         "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
     }
+    if spec.get("logprobs"):
+        # Per generated position: {token id: log-probability} of the top tokens.
+        result["logprobs"] = [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                              for o in outputs]
+    return result
 
 
 if __name__ == "__main__":
