@@ -1,0 +1,48 @@
+"""The CUDA backend's front-end refusals: the same core code as on CPU, on real engine configurations.
+
+The CPU server tests (tests/test_server.py) prove the front end exits with these messages before an
+engine starts; here the CUDA Backend class reads the same configurations. Its module imports on CPU
+(vLLM's TRITON_ATTN classes import without a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine_run import DEFAULT_MODEL
+from tests.model_folders import sliding_window_model, variant_of_default_model
+
+
+def engine_config(model=DEFAULT_MODEL, **engine_args):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model), dtype="float32", max_model_len=2048, **engine_args).create_engine_config()
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    from vllm_topt.backends.cuda import ToptCudaBackend
+
+    return ToptCudaBackend
+
+
+def test_cuda_serves_the_default_model(cuda_backend):
+    assert cuda_backend.config_refusals(engine_config()) == []
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("fp8-kv-cache", "KV cache dtype fp8"),
+    ("head-size-80", "head size 80"),
+    ("sliding-window", "sliding-window attention"),
+    ("alibi", "ALiBi"),
+])
+def test_cuda_refuses_what_its_kernel_cannot_serve(cuda_backend, tmp_path, case, expected):
+    config = {
+        "fp8-kv-cache": lambda: engine_config(kv_cache_dtype="fp8"),
+        "head-size-80": lambda: engine_config(variant_of_default_model(tmp_path, "head80", head_dim=80)),
+        "sliding-window": lambda: engine_config(sliding_window_model(tmp_path)),
+        "alibi": lambda: engine_config(variant_of_default_model(tmp_path, "alibi", alibi=True)),
+    }[case]()
+    assert expected in cuda_backend.config_refusals(config)
+    with pytest.raises(NotImplementedError, match=f"TOPT does not support .*{expected}.*TRITON_ATTN"):
+        cuda_backend.check_config(config)
