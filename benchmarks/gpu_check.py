@@ -76,7 +76,7 @@ import triton
 
 sys.path.insert(0, str(ROOT))
 from benchmarks import cuda_paged as paged
-from vllm_topt.kernels import triton_decode as td
+from vllm_topt.kernels.triton import decode as td
 from vllm_topt.method.rules import DensityCounts, ToptRule
 from vllm_topt.method.reference import topt_attention_reference
 
