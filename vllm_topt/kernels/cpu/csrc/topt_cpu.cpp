@@ -1,7 +1,8 @@
 // Top-θ decode attention over vLLM's CPU paged KV cache (one query per sequence).
 //
 // Work is split into tasks of (sequence, KV head, chunk of blocks) so that a
-// single long sequence still fills every core. Three parallel phases:
+// single long sequence still fills every core. Three phases, in one parallel
+// region with no barrier between them (see `run`):
 //   A. scores: read each chunk's K blocks in full, compute the G query heads'
 //      scaled scores, and the chunk's row max and exp-sum (online softmax);
 //   combine: global max M and sum S per head; the threshold becomes a bound on
@@ -25,7 +26,10 @@
 #include <immintrin.h>
 #endif
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -459,78 +463,112 @@ std::vector<Task> make_tasks(const int64_t* seq_block_offset, int64_t B, int64_t
   return tasks;
 }
 
+// Phase C for one (sequence, KV head): sum the chunks, normalise (SPEC §4), VMC, counts.
+template <typename T>
+void finish_group(const Problem<T>& P, int64_t bh, int64_t t0, int64_t t1, const HeadState* heads,
+                  const Partial* parts, const float* partial_out, const float* partial_mean,
+                  const int64_t* rows_read, const int64_t* blocks_read) {
+  const int64_t G = P.G, d = P.d;
+  const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t n = P.seq_lens[b];
+  const bool thresholded = P.thresholded(b);
+  std::vector<float> acc(d), mean(d, 0.f);
+  int64_t kept_all = 0, rows = 0, blocks = 0;
+  for (int64_t i = t0; i < t1; ++i) rows += rows_read[i], blocks += blocks_read[i];
+  if (P.vmc && thresholded) {
+    for (int64_t i = t0; i < t1; ++i)
+      for (int64_t c = 0; c < d; ++c) mean[c] += partial_mean[i * d + c];
+    for (int64_t c = 0; c < d; ++c) mean[c] /= static_cast<float>(n);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const HeadState& hs = heads[bh * G + g];
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float kept_exp = 0.f;
+    int64_t kept = 0;
+    for (int64_t i = t0; i < t1; ++i) {
+      kept_exp += parts[i * G + g].kept_exp_sum;
+      kept += parts[i * G + g].kept;
+      const float* po = &partial_out[(i * G + g) * d];
+      for (int64_t c = 0; c < d; ++c) acc[c] += po[c];
+    }
+    float denom = hs.sum;  // dense and post-softmax: kept elements keep their dense p
+    if (thresholded && P.placement == kPreSoftmax) {
+      float dropped_mass = 0.f;
+      if (P.sdc == kSdcExact) dropped_mass = hs.sum - kept_exp;
+      else if (P.sdc == kSdcExpThreshold)
+        dropped_mass = static_cast<float>(n - kept) * std::exp(P.threshold(b, h * G + g) - hs.max);
+      denom = std::max(kept_exp + dropped_mass, std::numeric_limits<float>::min());
+    }
+    const float inv = 1.f / denom;
+    float* og = P.out + (b * P.H + h * G + g) * d;
+    const float rest = (P.vmc && thresholded) ? 1.f - kept_exp * inv : 0.f;
+    for (int64_t c = 0; c < d; ++c) og[c] = acc[c] * inv + rest * mean[c];
+    kept_all += kept;
+  }
+  int64_t* cnt = P.counts + bh * kNumCounts;
+  cnt[0] = kept_all;
+  cnt[1] = rows;
+  cnt[2] = blocks;
+  cnt[3] = thresholded ? kept_all : 0;
+}
+
+// One parallel region per call, no barrier between phases. Threads claim
+// tasks in order from shared counters (a thread that the OS deschedules holds
+// at most one task, and the others take the rest); the thread that finishes
+// the last score chunk of a (sequence, KV head) combines its heads, and the
+// one that finishes its last value chunk completes it (phase C). A value
+// chunk whose group is not combined yet waits, yielding the core, for the one
+// score chunk still running. A busy machine then costs TOPT what it costs a
+// single-barrier kernel, instead of three fork/join barriers per layer.
 template <typename T>
 void run(Problem<T>& P) {
   std::vector<int64_t> first_task;
   const std::vector<Task> tasks = make_tasks(P.seq_block_offset, P.B, P.Hkv, first_task);
-  const int64_t num_tasks = static_cast<int64_t>(tasks.size()), G = P.G, d = P.d;
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size()), G = P.G, d = P.d, BH = P.B * P.Hkv;
   std::vector<Partial> parts(num_tasks * G);
-  std::vector<HeadState> heads(P.B * P.H);
+  std::vector<HeadState> heads(BH * G);
   std::vector<float> partial_out(num_tasks * G * d), partial_mean(P.vmc ? num_tasks * d : 0);
   std::vector<int64_t> rows_read(num_tasks, 0), blocks_read(num_tasks, 0);
-
-  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) score_chunk(P, tasks[i], &parts[i * G]);
-  });
-  for (int64_t bh = 0; bh < P.B * P.Hkv; ++bh) {
-    const int64_t b = bh / P.Hkv, h = bh % P.Hkv, t0 = first_task[bh];
+  std::unique_ptr<std::atomic<int64_t>[]> scores_left(new std::atomic<int64_t>[BH]);
+  std::unique_ptr<std::atomic<int64_t>[]> values_left(new std::atomic<int64_t>[BH]);
+  std::unique_ptr<std::atomic<bool>[]> combined(new std::atomic<bool>[BH]);
+  auto combine_group = [&](int64_t bh) {
+    const int64_t t0 = first_task[bh];
     for (int64_t g = 0; g < G; ++g)
-      heads[bh * G + g] = combine_head(P, b, h, g, &parts[t0 * G], first_task[bh + 1] - t0, G);
+      heads[bh * G + g] = combine_head(P, bh / P.Hkv, bh % P.Hkv, g, &parts[t0 * G], first_task[bh + 1] - t0, G);
+  };
+  auto finish = [&](int64_t bh) {
+    finish_group(P, bh, first_task[bh], first_task[bh + 1], heads.data(), parts.data(), partial_out.data(),
+                 P.vmc ? partial_mean.data() : nullptr, rows_read.data(), blocks_read.data());
+  };
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t count = first_task[bh + 1] - first_task[bh];
+    scores_left[bh].store(count, std::memory_order_relaxed);
+    values_left[bh].store(count, std::memory_order_relaxed);
+    combined[bh].store(false, std::memory_order_relaxed);
+    if (count == 0) combine_group(bh), finish(bh);  // an empty row: nothing to share
   }
-  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  std::atomic<int64_t> next_score{0}, next_value{0};
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks)));
+#pragma omp parallel num_threads(threads)
+  {
+    for (int64_t i; (i = next_score.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
+      score_chunk(P, tasks[i], &parts[i * G]);
+      const int64_t bh = tasks[i].b * P.Hkv + tasks[i].h;
+      if (scores_left[bh].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        combine_group(bh);
+        combined[bh].store(true, std::memory_order_release);
+      }
+    }
+    for (int64_t i; (i = next_value.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
       const Task& task = tasks[i];
-      value_chunk(P, task, &heads[(task.b * P.Hkv + task.h) * G], &parts[i * G], &partial_out[i * G * d],
+      const int64_t bh = task.b * P.Hkv + task.h;
+      while (!combined[bh].load(std::memory_order_acquire)) sched_yield();
+      value_chunk(P, task, &heads[bh * G], &parts[i * G], &partial_out[i * G * d],
                   P.vmc ? &partial_mean[i * d] : nullptr, &rows_read[i], &blocks_read[i]);
+      if (values_left[bh].fetch_sub(1, std::memory_order_acq_rel) == 1) finish(bh);
     }
-  });
-  // Phase C: per (sequence, KV head), sum the chunks and normalise (SPEC §4), then VMC.
-  at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(d), mean(d);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / P.Hkv, h = bh % P.Hkv, t0 = first_task[bh], t1 = first_task[bh + 1];
-      const int64_t n = P.seq_lens[b];
-      const bool thresholded = P.thresholded(b);
-      int64_t kept_all = 0, rows = 0, blocks = 0;
-      for (int64_t i = t0; i < t1; ++i) rows += rows_read[i], blocks += blocks_read[i];
-      if (P.vmc && thresholded) {
-        std::fill(mean.begin(), mean.end(), 0.f);
-        for (int64_t i = t0; i < t1; ++i)
-          for (int64_t c = 0; c < d; ++c) mean[c] += partial_mean[i * d + c];
-        for (int64_t c = 0; c < d; ++c) mean[c] /= static_cast<float>(n);
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const HeadState& hs = heads[bh * G + g];
-        std::fill(acc.begin(), acc.end(), 0.f);
-        float kept_exp = 0.f;
-        int64_t kept = 0;
-        for (int64_t i = t0; i < t1; ++i) {
-          kept_exp += parts[i * G + g].kept_exp_sum;
-          kept += parts[i * G + g].kept;
-          const float* po = &partial_out[(i * G + g) * d];
-          for (int64_t c = 0; c < d; ++c) acc[c] += po[c];
-        }
-        float denom = hs.sum;  // dense and post-softmax: kept elements keep their dense p
-        if (thresholded && P.placement == kPreSoftmax) {
-          float dropped_mass = 0.f;
-          if (P.sdc == kSdcExact) dropped_mass = hs.sum - kept_exp;
-          else if (P.sdc == kSdcExpThreshold)
-            dropped_mass = static_cast<float>(n - kept) * std::exp(P.threshold(b, h * G + g) - hs.max);
-          denom = std::max(kept_exp + dropped_mass, std::numeric_limits<float>::min());
-        }
-        const float inv = 1.f / denom;
-        float* og = P.out + (b * P.H + h * G + g) * d;
-        const float rest = (P.vmc && thresholded) ? 1.f - kept_exp * inv : 0.f;
-        for (int64_t c = 0; c < d; ++c) og[c] = acc[c] * inv + rest * mean[c];
-        kept_all += kept;
-      }
-      int64_t* cnt = P.counts + bh * kNumCounts;
-      cnt[0] = kept_all;
-      cnt[1] = rows;
-      cnt[2] = blocks;
-      cnt[3] = thresholded ? kept_all : 0;
-    }
-  });
+  }
 }
 
 // Scores of every sequence, reused across calls (no page faults per layer).
