@@ -33,7 +33,10 @@ from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
 from vllm_topt import telemetry
 from vllm_topt.config.layers import ToptProcessConfig, process_config
 from vllm_topt.config.support import (
+    ALIBI,
+    ATTENTION_SINKS,
     ENCODER_DECODER,
+    SLIDING_WINDOW,
     UnsupportedModelError,
     refusal,
     text_config,
@@ -135,8 +138,6 @@ class ToptBackendMixin:
     def layer_refusals(cls, *, head_size: int, alibi_slopes, sliding_window, sinks, kv_cache_dtype: str,
                        attn_type: str, kv_sharing_target_layer_name) -> list[str]:
         """The same refusals from the arguments vLLM gives one attention layer (the worker's last check)."""
-        from vllm_topt.config.support import ALIBI, ATTENTION_SINKS, SLIDING_WINDOW
-
         found = {
             ALIBI: alibi_slopes is not None,
             SLIDING_WINDOW: sliding_window is not None and not cls.supports_sliding_window(),
