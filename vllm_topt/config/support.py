@@ -1,10 +1,9 @@
 """What TOPT cannot serve, said once for calibration, the front-end check and the backends.
 
-Two views of the same list: `unsupported_model_features` reads a Hugging Face
-config (the calibration CLI before it reads any text, the plugin before the
-engine starts); `unsupported_layer_features` reads the arguments vLLM gives an
-attention layer (the backends' last line of defence in the worker). Both name
-features with the same words, and `refusal` turns the names into the one
+`unsupported_model_features` reads a Hugging Face config (the calibration CLI
+before it reads any text; the backends' `config_refusals` before the engine
+starts, `vllm_topt/backends/core.py`, which also checks one layer's arguments
+in the worker with the same names). `refusal` turns the names into the one
 message that says what to do instead.
 """
 
@@ -56,22 +55,6 @@ def unsupported_model_features(hf_config) -> list[str]:
         ATTENTION_SINKS: getattr(cfg, "model_type", None) in SINK_MODEL_TYPES,
         MLA: getattr(cfg, "kv_lora_rank", None) is not None,
         ENCODER_DECODER: bool(getattr(hf_config, "is_encoder_decoder", False)),
-    }
-    return [name for name, present in found.items() if present]
-
-
-def unsupported_layer_features(*, alibi_slopes, sliding_window, sinks, kv_cache_dtype: str,
-                               supported_kv_cache_dtypes, is_decoder: bool) -> list[str]:
-    """The same refusals, from the arguments vLLM passes an attention layer.
-
-    `supported_kv_cache_dtypes` is the platform Backend class's declared list.
-    """
-    found = {
-        ALIBI: alibi_slopes is not None,
-        SLIDING_WINDOW: sliding_window is not None,
-        ATTENTION_SINKS: sinks is not None,
-        f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype not in supported_kv_cache_dtypes,
-        ENCODER_DECODER: not is_decoder,
     }
     return [name for name, present in found.items() if present]
 
