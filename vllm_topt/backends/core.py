@@ -22,6 +22,7 @@ device buffers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -209,6 +210,11 @@ class ToptBuilderMixin:
 
     reorder_batch_threshold: int = DECODE_QUERY_LEN  # decode requests first
 
+    @functools.cached_property
+    def topt_layer_span(self) -> tuple[int, int]:
+        # The builder's layers never change: parse their names once, not at every step.
+        return layer_span(self.layer_names)
+
     def topt_batch(self, common_prefix_len: int, cam: CommonAttentionMetadata, full, fast_build: bool) -> ToptBatch:
         num_decodes, num_decode_tokens, rest = split_decode_rows(cam)
         if rest is None:
@@ -217,7 +223,7 @@ class ToptBuilderMixin:
             prefill = full
         else:
             prefill = super().build(common_prefix_len, rest, fast_build)
-        first, last = layer_span(self.layer_names)
+        first, last = self.topt_layer_span
         return ToptBatch(num_decodes, num_decode_tokens, cam.seq_lens[:num_decodes],
                          cam.block_table_tensor[:num_decodes], prefill, first, last)
 
