@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct
+# The tests also serve a model with sliding-window layers (Gemma-3-270M, Gemma Terms of Use).
+SLIDING_WINDOW_MODEL := models/gemma3-270m
 PORT ?= 8000
 # KV cache size (GiB) the CPU backend reserves; vLLM's default fraction does not fit small machines.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
@@ -26,6 +28,9 @@ $(VENV)/.installed: pyproject.toml
 $(MODEL)/config.json: | $(VENV)/.installed
 	$(VPY) scripts/build_model.py smollm2-135m-instruct
 
+$(SLIDING_WINDOW_MODEL)/config.json: | $(VENV)/.installed
+	$(VPY) scripts/build_model.py gemma3-270m
+
 setup: $(VENV)/.installed $(MODEL)/config.json
 
 serve: setup
@@ -33,7 +38,7 @@ serve: setup
 		--served-model-name SmolLM2-135M-Instruct --attention-backend topt \
 		--dtype float32 --max-model-len 8192 --max-num-seqs 8 --host 0.0.0.0 --port $(PORT)
 
-test: setup
+test: setup $(SLIDING_WINDOW_MODEL)/config.json
 	$(VPY) -m pytest -q tests
 
 # Rebuild the shipped thresholds of the default model (about 8 minutes on 2 cores).

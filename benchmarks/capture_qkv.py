@@ -34,7 +34,9 @@ CAPTURE_IMPL = "topt_capture"
 def heldout_ids(tokenizer, tokens: int) -> list[int]:
     from vllm_topt.calibration.data import bbc_articles
 
-    ids = tokenizer.encode("\n\n".join(bbc_articles("heldout")), add_special_tokens=False)
+    # A leading BOS as calibration's sequences have (Gemma degenerates without its <bos>).
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + tokenizer.encode("\n\n".join(bbc_articles("heldout")), add_special_tokens=False)
     if len(ids) < tokens:
         raise SystemExit(f"held-out text has {len(ids)} tokens, fewer than the {tokens} asked for")
     return ids[:tokens]

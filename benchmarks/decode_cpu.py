@@ -186,12 +186,24 @@ def relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
     return math.sqrt(num / den)
 
 
+def select_layers(capture: dict, rules, tables, layers: list[int] | None):
+    """Only `layers` of the capture (e.g. Gemma-3's global layers: its sliding ones run on CPU_ATTN)."""
+    if layers is None:
+        return capture, rules, tables
+    index = torch.tensor(layers)
+    chosen = dict(capture, k=capture["k"][index], v=capture["v"][index],
+                  q={c: q[index] for c, q in capture["q"].items()})
+    return chosen, [rules[i] for i in layers], [tables[i] for i in layers]
+
+
 def run(args) -> list[dict]:
     capture = torch.load(args.capture)
     L, _, H_kv, d = capture["k"].shape
     H = capture["q"][capture["contexts"][0]].shape[2]
     scale = capture["scale"]
     rules, tables, file = layer_rules(args.thresholds, L, H)
+    capture, rules, tables = select_layers(capture, rules, tables, args.layers)
+    L = len(rules)
     dense_rules = [ToptRule(dense=True)] * L
     contexts = args.contexts or capture["contexts"]
     rows = []
@@ -250,6 +262,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--load", type=int, nargs="+", default=[0],
                         help="competing single-threaded busy processes per timing (e.g. 0 1: idle and busy)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="time only these layers (default: all), e.g. a model's full-attention layers")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
@@ -257,7 +271,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     rows, file = run(args)
     model = file.model.name if file else Path(args.capture).stem
-    header = (f"\n{model}: decode attention, all layers per step, median of {args.repeats}; "
+    which = "all layers" if args.layers is None else f"layers {', '.join(map(str, args.layers))}"
+    header = (f"\n{model}: decode attention, {which} per step, median of {args.repeats}; "
               f"{torch.get_num_threads()} threads; TOPT x = CPU_ATTN time / TOPT time; "
               f"err = relative L2 deviation from CPU_ATTN's output; load = competing busy processes; "
               f"ceiling = SPEC §5 bound at the measured V-row density")

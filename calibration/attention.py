@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.rules import DensityCounts, ToptRule, window_counters
 from vllm_topt.method.reference import kept_weights
 from vllm_topt.config.thresholds import LayerThresholds
 
@@ -88,6 +88,11 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
     session = _session
     assert session is not None, "set_session() before running the model"
     layer = module.layer_idx
+    # Sliding-window layers (Gemma-3's local layers) see their last `window` keys; TOPT keeps them dense.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and not session.rules[layer].dense:
+        raise ValueError(f"layer {layer} has a sliding window ({window}) but a sparse rule; "
+                         "the threshold file must list it in dense_layers")
     B, H, T, d = query.shape
     group = H // key.shape[1]
     k_all = key.repeat_interleave(group, dim=1).float()
@@ -100,7 +105,8 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         out[:, :, r0:r1] = _attend_rows(session, layer, query[:, :, r0:r1].float(), k_all[:, :, :r1],
-                                        v_all[:, :, :r1], running_mean[:, :, r0:r1], r0, scale, key.shape[1])
+                                        v_all[:, :, :r1], running_mean[:, :, r0:r1], r0, scale, key.shape[1],
+                                        window)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -109,13 +115,18 @@ def query_chunk_rows(session: "CalibrationSession", B: int, H: int, T: int) -> i
     return max(1, min(T, session.chunk_elements // max(B * H * T, 1)))
 
 
-def _attend_rows(session, layer, q, k_all, v_all, running_mean, r0, scale, num_kv_heads):
-    """Attention of query rows r0 .. r0+C-1 (row i sees keys 0..i, so n = i + 1) over keys [:r1]."""
+def _attend_rows(session, layer, q, k_all, v_all, running_mean, r0, scale, num_kv_heads, window=None):
+    """Attention of query rows r0 .. r0+C-1 (row i sees keys 0..i, so n = i + 1) over keys [:r1];
+    with a sliding window, row i sees keys i-window+1..i."""
     rule = session.rules[layer]
     B, H, C, _ = q.shape
     r1 = k_all.shape[2]
     n = torch.arange(r0 + 1, r1 + 1)  # row lengths of this chunk
-    causal = (torch.arange(r1)[None, :] < n[:, None]).to(q.device)  # [C, r1]
+    position = torch.arange(r1)[None, :]
+    causal = position < n[:, None]
+    if window is not None:
+        causal &= position >= n[:, None] - window
+    causal = causal.to(q.device)  # [C, r1]
     scores = (q @ k_all.transpose(-1, -2)) * scale  # [B, H, C, r1]
     scores = scores.masked_fill(~causal, float("-inf"))
     p = torch.softmax(scores, dim=-1)
@@ -124,7 +135,7 @@ def _attend_rows(session, layer, q, k_all, v_all, running_mean, r0, scale, num_k
     if session.mode == "dense" or rule.dense:
         keep, weights = None, p
         if session.mode in ("apply", "topk"):
-            _count_density(session, layer, None, rule, shape)
+            _count_density(session, layer, None, rule, shape, window)
     else:
         domain = p if rule.placement == "post-softmax" else scores
         short = (n <= rule.k).to(q.device)  # rows with n <= k stay dense
@@ -189,27 +200,18 @@ def _topk_keep(domain, k, causal, short):
     return keep, values[..., k]
 
 
-def _count_density(session, layer, keep, rule, shape) -> None:
+def _count_density(session, layer, keep, rule, shape, window=None) -> None:
     """SPEC §7 counts for one layer call over a chunk of rows of B sequences.
 
     shape = (B, H, H_kv, n) with n the chunk's row lengths; keep [B, H, C, r1]
     (causal), or None when every element is kept (dense layer, or every row
-    has n <= k).
+    has n <= k; a sliding-window layer sees its window only).
     """
     B, H, H_kv, n = shape
     bs = session.block_size
-    visible = int(n.sum())  # elements (or V rows) visible to the chunk's rows
-    counts = DensityCounts(
-        rows=B * len(n),
-        elements_visible=B * H * visible,
-        v_rows_visible=B * H_kv * visible,
-        v_blocks_visible=B * H_kv * int(((n + bs - 1) // bs).sum()),
-    )
-    if keep is None:
-        counts.elements_kept = counts.elements_visible
-        counts.v_rows_read = counts.v_rows_visible
-        counts.v_blocks_read = counts.v_blocks_visible
-    else:
+    dense = window_counters(n, window, H, H_kv, bs).sum(dim=0) * B
+    counts = DensityCounts.from_counters(dense.tolist())
+    if keep is not None:
         C, r1 = keep.shape[2], keep.shape[3]
         union = keep.view(B, H_kv, H // H_kv, C, r1).any(dim=2)  # GQA union
         pad = (-r1) % bs

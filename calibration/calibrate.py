@@ -42,7 +42,13 @@ from vllm_topt.calibration.attention import ATTN_IMPL_NAME, CalibrationSession, 
 from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, layer_rules
-from vllm_topt.config.support import UnsupportedModelError, check_model_supported, text_config
+from vllm_topt.config.support import (
+    UnsupportedModelError,
+    check_model_supported,
+    sliding_window_layers,
+    sliding_window_size,
+    text_config,
+)
 from vllm_topt.config.thresholds import (
     SCHEMA_VERSION,
     Compensation,
@@ -118,8 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------ checks
 
 
-def check_model_args(args, config) -> list[ToptRule]:
-    """Every argument against the model's config, before any text is read; the per-layer rules."""
+def check_model_args(args, config) -> tuple[list[ToptRule], dict[int, str]]:
+    """Every argument against the model's config, before any text is read; the per-layer rules and
+    why each dense layer is dense."""
     name = args.name or Path(args.model).name
     try:
         check_model_supported(config, name)
@@ -144,12 +151,18 @@ def check_model_args(args, config) -> list[ToptRule]:
     both = sorted(set(args.layer_k) & set(args.dense_layers))
     if both:
         raise CalibrationError(f"layer {both[0]} is in both --layer-k and --dense-layers; give it one of them")
-    if len(set(args.dense_layers)) == L:
-        raise CalibrationError(f"--dense-layers names every layer (0..{L - 1}); nothing would be thresholded")
+    reasons = dense_layer_reasons(args, cfg)
+    windowed = sorted(set(args.layer_k) & set(sliding_window_layers(cfg)))
+    if windowed:
+        raise CalibrationError(f"--layer-k {windowed[0]}:{args.layer_k[windowed[0]]}: layer {windowed[0]} has a "
+                               "sliding window, which TOPT serves on the dense kernel; drop it from --layer-k")
+    if len(reasons) == L:
+        raise CalibrationError(f"every layer would be dense ({describe_dense(reasons)}); nothing would be "
+                               "thresholded: drop layers from --dense-layers")
     for layer, k in args.layer_k.items():
         if k < 1:
             raise CalibrationError(f"--layer-k {layer}:{k}: k must be at least 1")
-    rules = args_layer_rules(args, L)
+    rules = args_layer_rules(args, L, reasons)
     for layer, rule in enumerate(rules):
         if rule.dense or rule.k + 1 < args.seq_len:
             continue
@@ -157,7 +170,28 @@ def check_model_args(args, config) -> list[ToptRule]:
         raise CalibrationError(f"{flag}: --seq-len {args.seq_len} leaves layer {layer} too few rows longer than its "
                                f"k (calibration samples rows with n > k); raise --seq-len to {rule.k + 2} or more, "
                                "or lower k")
-    return rules
+    return rules, reasons
+
+
+DENSE_BY_FLAG = "--dense-layers"
+
+
+def dense_layer_reasons(args, cfg) -> dict[int, str]:
+    """The layers that stay dense and why: a sliding window (served by the dense kernel) or --dense-layers."""
+    window = sliding_window_size(cfg)
+    reasons = {layer: f"sliding-window attention (window {window}): served by the dense kernel"
+               for layer in sliding_window_layers(cfg)}
+    reasons |= {layer: DENSE_BY_FLAG for layer in args.dense_layers if layer not in reasons}
+    return dict(sorted(reasons.items()))
+
+
+def describe_dense(reasons: dict[int, str]) -> str:
+    """'layers 0, 1 (--dense-layers); 15 sliding-window layers' for messages and the summary."""
+    by_flag = [layer for layer, why in reasons.items() if why == DENSE_BY_FLAG]
+    windowed = len(reasons) - len(by_flag)
+    parts = [f"layers {', '.join(map(str, by_flag))} ({DENSE_BY_FLAG})"] if by_flag else []
+    parts += [f"{windowed} sliding-window layers"] if windowed else []
+    return "; ".join(parts) or "none"
 
 
 def resolve_device(requested: str) -> str:
@@ -184,9 +218,9 @@ def check_output(out: str) -> Path:
     return path
 
 
-def args_layer_rules(args, num_layers: int) -> list[ToptRule]:
+def args_layer_rules(args, num_layers: int, dense_reasons: dict[int, str]) -> list[ToptRule]:
     """The rules the file will hold, before it exists (the same function builds them from a file)."""
-    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k, args.layer_k, args.dense_layers)
+    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k, args.layer_k, dense_reasons)
 
 
 # ------------------------------------------------------------------ plan
@@ -198,6 +232,7 @@ class Plan:
 
     args: argparse.Namespace
     rules: list[ToptRule]
+    dense_reasons: dict[int, str]  # dense layer -> why (its sliding window, or --dense-layers)
     device: str
     dtype: str
     out: Path
@@ -213,7 +248,7 @@ class Plan:
 
 def prepare(args, config, tokenizer) -> Plan:
     """All checks and the data, before the weights load; raises CalibrationError."""
-    rules = check_model_args(args, config)
+    rules, dense_reasons = check_model_args(args, config)
     device = resolve_device(args.device)
     dtype = DEFAULT_DTYPE[device] if args.dtype == "auto" else args.dtype
     out = check_output(args.out)
@@ -228,7 +263,7 @@ def prepare(args, config, tokenizer) -> Plan:
         checkpoint = Checkpoint.open(checkpoint_path(out), key, resume=args.resume)
     except CheckpointError as exc:
         raise CalibrationError(str(exc)) from None
-    return Plan(args, rules, device, dtype, out, corpus, calibration, heldout, checkpoint)
+    return Plan(args, rules, dense_reasons, device, dtype, out, corpus, calibration, heldout, checkpoint)
 
 
 def sequences_or_fail(tokenizer, corpus: Corpus, part: str, seq_len: int, count: int, flag: str) -> list[list[int]]:
@@ -354,7 +389,8 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
         model=ModelIdentity.from_hf_config(config, name=name),
         target_k=args.k,
         layer_k=dict(args.layer_k),
-        dense_layers=args.dense_layers,
+        dense_layers=sorted(plan.dense_reasons),
+        dense_layer_reasons=plan.dense_reasons,
         placement=args.placement,
         compensation=Compensation(sdc=args.sdc, vmc=not args.no_vmc),
         n_grid=main_grid,
@@ -435,7 +471,7 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
           f"{file.model.num_kv_heads} kv heads, head {file.model.head_size}, {file.model.fingerprint})")
     layer_k = "".join(f", layer {layer}: k={k}" for layer, k in file.layer_k.items())
     print(f"  rule         k={file.target_k}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "
-          f"vmc={file.compensation.vmc}, dense layers {file.dense_layers or 'none'}")
+          f"vmc={file.compensation.vmc}, dense: {describe_dense(plan.dense_reasons)}")
     print(f"  grid         {grids}; beyond: {file.extrapolation}")
     print(f"  data         {file.provenance.data}")
     print(f"  calibration  {file.provenance.num_sequences} sequences x {file.provenance.max_seq_len} tokens "

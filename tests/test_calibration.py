@@ -125,7 +125,7 @@ def test_every_bad_argument_is_refused_before_the_weights_load(tmp_path, monkeyp
         assert "--device cuda" in refusal([*out, "--device", "cuda"])
         assert "sees no CUDA device" in refusal([*out, "--device", "cuda"])
     message = refusal(["--model", str(sliding_window_model(tmp_path)), "--out", str(tmp_path / "y.json")])
-    assert "TOPT does not support sliding-window attention" in message
+    assert "TOPT does not support sliding-window attention on every layer" in message
 
 
 def test_model_support_is_read_from_the_config():
@@ -134,8 +134,13 @@ def test_model_support_is_read_from_the_config():
     assert unsupported_model_features(LlamaConfig()) == []
     assert unsupported_model_features(Qwen2Config(use_sliding_window=False, sliding_window=32768)) == []
     assert unsupported_model_features(MistralConfig(sliding_window=None)) == []
-    assert unsupported_model_features(MistralConfig(sliding_window=4096)) == ["sliding-window attention"]
-    assert unsupported_model_features(Gemma3TextConfig()) == ["sliding-window attention"]
+    assert unsupported_model_features(MistralConfig(sliding_window=4096)) == ["sliding-window attention on every layer"]
+    # Gemma-3 mixes sliding-window and global layers: servable, the sliding ones on the dense kernel.
+    gemma = Gemma3TextConfig(num_hidden_layers=12)
+    assert unsupported_model_features(gemma) == []
+    assert sliding_window_layers(gemma) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert sliding_window_layers(MistralConfig(sliding_window=4096, num_hidden_layers=3)) == [0, 1, 2]
+    assert sliding_window_layers(Qwen2Config(use_sliding_window=False, sliding_window=32768)) == []
 
 
 # ------------------------------------------------------------------ chunked attention
@@ -170,6 +175,38 @@ def test_row_chunks_give_the_same_statistics_as_one_chunk(mode, placement):
     assert torch.equal(many.value_count, one.value_count) and torch.equal(many.kept_by_layer, one.kept_by_layer)
     if mode == "collect":
         assert int(one.value_count.sum()) == B * H * (T - rule.k)  # every row with n > k sampled once
+
+
+GEMMA = ROOT / "models" / "gemma3-270m"
+
+
+def test_sliding_window_layers_are_dense_and_cannot_take_a_k(tmp_path):
+    out = ["--model", str(GEMMA), "--out", str(tmp_path / "g.json")]
+    assert "layer 0 has a sliding window" in refusal([*out, "--layer-k", "0:64"])
+    every_global = ",".join(map(str, (5, 11, 17)))
+    message = refusal([*out, "--dense-layers", every_global])
+    assert "every layer would be dense (layers 5, 11, 17 (--dense-layers); 15 sliding-window layers)" in message
+
+
+def test_calibration_attention_keeps_the_sliding_window():
+    """Dense mode of the calibration attention reproduces Gemma-3's own logits past its 512-token window."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2] + list(range(1000, 1799))])  # <bos> and 799 tokens: rows past the window
+    reference = AutoModelForCausalLM.from_pretrained(GEMMA, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.inference_mode():
+        expected = reference(ids).logits[0, -64:]
+    del reference
+    config, _, model = calibrate.load_model(str(GEMMA))
+    rules = [ToptRule(dense=True)] * config.num_hidden_layers
+    set_session(CalibrationSession(config.num_hidden_layers, config.num_attention_heads, ids.shape[1], rules,
+                                   mode="dense"))
+    try:
+        with torch.inference_mode():
+            got = model(ids).logits[0, -64:]
+    finally:
+        set_session(None)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
 
 
 # ------------------------------------------------------------------ real runs

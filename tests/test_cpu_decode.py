@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.cases import RULES
+from tests.engine_run import ROOT
 from tests.paged import build_paged_batch
 from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
 from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
@@ -240,3 +241,57 @@ def test_cpp_threshold_table_by_length_matches_per_row():
     with pytest.raises(RuntimeError, match="theta table shorter"):
         topt_decode_paged_cpp(*args, None, rule, 0.125, v_block_sums=batch.v_block_sums,
                               theta_by_length=table.table_upto(150)[:100])
+
+
+# ------------------------------------------------------------------ head size 256 (Gemma-3)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}")
+@pytest.mark.parametrize("H,H_kv", [(4, 1), (8, 2)])
+def test_head_size_256_random(decode, rule, H, H_kv):
+    d, bs, scale = 256, 128, 256**-0.5
+    lengths = [5, 127, 128, 129, 700]
+    keys, values = random_sequences(lengths, H_kv, d, seed=H + 256)
+    query = torch.randn(len(lengths), H, d, generator=torch.Generator().manual_seed(14)) * 2
+    batch = build_paged_batch(keys, values, bs)
+    theta = thresholds_for(query, batch.keys, rule, scale, seed=15)
+    fast, fc, ref, rc = run_both(decode, query, batch, theta, rule, scale, bs)
+    assert_counts_close(fc, rc)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+
+
+GEMMA = ROOT / "models" / "gemma3-270m"
+GEMMA_CONTEXTS = (600, 1500)  # below and well past its 512-token sliding window
+
+
+@pytest.fixture(scope="module")
+def gemma_capture():
+    """Real decode-time Q/K/V of Gemma-3-270M (head size 256, 4 query / 1 KV head) on held-out text."""
+    from benchmarks.capture_qkv import capture
+
+    return capture(str(GEMMA), list(GEMMA_CONTEXTS), queries=3, threads=None)
+
+
+@pytest.mark.parametrize("context", GEMMA_CONTEXTS)
+def test_head_size_256_on_captured_gemma(decode, gemma_capture, context):
+    """The global layers of Gemma-3 with their shipped thresholds: both fast paths equal the reference."""
+    from transformers import AutoConfig
+
+    from vllm_topt.config.options import ToptOptions, resolve_thresholds
+
+    file, _ = resolve_thresholds(ToptOptions(), AutoConfig.from_pretrained(GEMMA), "gemma3-270m")
+    cap, bs = gemma_capture, 128
+    plans = file.layer_plan()
+    sparse = [layer for layer, plan in enumerate(plans) if not plan.rule.dense]
+    assert sparse == [5, 11, 17]  # the global layers; the sliding ones are dense in the file
+    for layer in sparse:
+        queries = cap["q"][context][layer]  # [R, H, d], row i decodes a sequence of context - i tokens
+        lengths = [context - i for i in range(queries.shape[0])]
+        keys = [cap["k"][layer, :n] for n in lengths]
+        values = [cap["v"][layer, :n] for n in lengths]
+        batch = build_paged_batch(keys, values, bs)
+        theta = plans[layer].thresholds.lookup(batch.seq_lens).float()
+        fast, fc, ref, rc = run_both(decode, queries, batch, theta, plans[layer].rule, cap["scale"], bs)
+        assert_counts_close(fc, rc)
+        torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+        assert fc.elements_kept < 0.5 * fc.elements_visible  # real sparsity on real tensors

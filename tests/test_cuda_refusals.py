@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_run import DEFAULT_MODEL
+from tests.engine_run import DEFAULT_MODEL, ROOT
 from tests.model_folders import sliding_window_model, variant_of_default_model
 
 
@@ -30,10 +30,15 @@ def test_cuda_serves_the_default_model(cuda_backend):
     assert cuda_backend.config_refusals(engine_config()) == []
 
 
+def test_cuda_serves_gemma3_with_its_sliding_window_layers(cuda_backend):
+    # Its sliding-window layers run on TRITON_ATTN's kernel, the global layers through Top-θ.
+    assert cuda_backend.config_refusals(engine_config(ROOT / "models" / "gemma3-270m")) == []
+
+
 @pytest.mark.parametrize("case, expected", [
     ("fp8-kv-cache", "KV cache dtype fp8"),
     ("head-size-80", "head size 80"),
-    ("sliding-window", "sliding-window attention"),
+    ("sliding-window", "sliding-window attention on every layer"),
     ("alibi", "ALiBi"),
 ])
 def test_cuda_refuses_what_its_kernel_cannot_serve(cuda_backend, tmp_path, case, expected):

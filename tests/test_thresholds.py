@@ -198,3 +198,23 @@ def test_default_model_has_shipped_thresholds():
     assert path is not None and "smollm2" in path.name
     f, resolved = resolve_thresholds(ToptOptions(), config, str(DEFAULT_MODEL))
     assert resolved == path and f.model.num_heads == 9
+
+
+def test_thresholds_on_sliding_window_layers_are_refused(tmp_path):
+    """A file that thresholds a layer the model runs with a sliding window (an older calibration)."""
+    from transformers import AutoConfig
+
+    gemma = ROOT / "models" / "gemma3-270m"
+    config = AutoConfig.from_pretrained(gemma)
+    path = find_shipped_thresholds(config)
+    assert path is not None and "gemma3" in path.name
+    shipped = json.loads(path.read_text())
+    assert shipped["dense_layers"] == [i for i in range(18) if i not in (5, 11, 17)]
+    assert "sliding-window attention (window 512)" in shipped["dense_layer_reasons"]["0"]
+    shipped["dense_layers"].remove(0)
+    del shipped["dense_layer_reasons"]["0"]
+    shipped["thresholds"][0] = shipped["thresholds"][5]
+    old = write(tmp_path, shipped)
+    with pytest.raises(ThresholdFileError, match=r"thresholds for layers \[0\], which the served model runs with a "
+                                                 "sliding window.*Recalibrate"):
+        check_matches_model(load_threshold_file(old), config, old)

@@ -153,6 +153,7 @@ def backend_class(is_cpu: bool):
 def check_topt_config(vllm_config, is_cpu: bool) -> None:
     """Fail in the front-end process, before the engine starts, on anything TOPT cannot serve."""
     from vllm_topt.config.options import options_from_vllm_config, resolve_thresholds
+    from vllm_topt.config.support import sliding_window_layers, text_config
 
     model_config = vllm_config.model_config
     if model_config is None:
@@ -164,8 +165,17 @@ def check_topt_config(vllm_config, is_cpu: bool) -> None:
         cache_config.block_size = backend.default_block_size
     backend.check_config(vllm_config)
     thresholds, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
-    mode = "sparsity disabled" if options.disable_sparsity else f"k={thresholds.target_k}, {thresholds.placement}"
+    if options.disable_sparsity:
+        mode = "sparsity disabled"
+    else:
+        rules = thresholds.layer_rules()
+        mode = (f"k={thresholds.target_k}, {thresholds.placement}, "
+                f"{sum(not r.dense for r in rules)} of {len(rules)} layers thresholded")
     logger.info("TOPT thresholds: %s (%s, block size %s)", path, mode, cache_config.block_size)
+    windowed = sliding_window_layers(text_config(model_config.hf_config))
+    if windowed:
+        logger.info("TOPT: %d sliding-window layers run on %s's dense kernel", len(windowed),
+                    backend.dense_parent)
     if is_cpu:
         _warn_about_cpu_binding()
 

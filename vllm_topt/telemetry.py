@@ -35,9 +35,15 @@ class RunMode:
 
     target_k: int | None
     disable_sparsity: bool = False
+    thresholded_layers: int | None = None  # of num_layers; the rest are dense (e.g. sliding-window layers)
+    num_layers: int | None = None
 
     def label(self) -> str:
-        return "disable_sparsity" if self.disable_sparsity else f"k={self.target_k}"
+        if self.disable_sparsity:
+            return "disable_sparsity"
+        if self.num_layers is None:
+            return f"k={self.target_k}"
+        return f"k={self.target_k}, {self.thresholded_layers} of {self.num_layers} layers thresholded"
 # Forward passes by batch kind, counted once per step (at the first attention layer).
 _batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 
@@ -119,6 +125,8 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode 
         "time": time.time(),
         "target_k": mode.target_k,
         "disable_sparsity": mode.disable_sparsity,
+        "thresholded_layers": mode.thresholded_layers,
+        "num_layers": mode.num_layers,
         "total": t.as_dict()
         | {
             "element_density": t.element_density,

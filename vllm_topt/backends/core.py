@@ -13,7 +13,9 @@ layout, cache write, metadata and prefill kernel) with these mixins in front:
   prefill part.
 - `ToptImplMixin` runs decode rows through the platform's Top-θ kernel and
   the rest through the parent's dense `forward`, keeps the per-block V sums
-  that VMC reads, and drives per-step telemetry.
+  that VMC reads, and drives per-step telemetry. Sliding-window layers
+  (Gemma-3's local layers) run wholly on the parent's dense kernel, which
+  handles the window; telemetry counts their decode rows as fully kept.
 
 Platform classes add only what differs: the kernel call, the cache views,
 device buffers.
@@ -45,6 +47,7 @@ from vllm_topt.config.support import (
 )
 from vllm_topt.config.thresholds import LayerPlan
 from vllm_topt.log import get_logger
+from vllm_topt.method.rules import DensityCounts, window_counters
 from vllm_topt.plugin import BACKEND_NAME
 
 logger = get_logger()
@@ -61,6 +64,7 @@ class ToptBackendMixin:
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
     platform_name: ClassVar[str] = "?"
     dense_alternative: ClassVar[str] = "a dense backend"
+    dense_parent: ClassVar[str] = "?"  # the dense backend whose kernel runs prefill and sliding-window layers
     default_block_size: ClassVar[int | None] = None  # None: the platform's own default
 
     @staticmethod
@@ -74,7 +78,7 @@ class ToptBackendMixin:
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return True  # those layers run on the dense parent; a model with no other layer is refused
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -173,8 +177,10 @@ class ToptBatch:
     num_decode_tokens: int
     decode_seq_lens: torch.Tensor
     decode_block_table: torch.Tensor
-    prefill: Any | None  # the dense parent's metadata for the requests after the decodes; None: none
-    first_layer: int  # where this step's batch kind is counted
+    # The dense parent's metadata for the requests after the decodes (the whole batch's in a builder of
+    # sliding-window layers only, which never use it); None: no such requests.
+    prefill: Any | None
+    first_layer: int  # where this step's batch kind is counted (the model's first TOPT layer)
     last_layer: int  # where this step's telemetry is reported, after every layer has counted
 
 
@@ -198,7 +204,7 @@ def split_decode_rows(cam: CommonAttentionMetadata) -> tuple[int, int, CommonAtt
 
 
 def layer_span(layer_names) -> tuple[int, int]:
-    """The first and last layer index among a builder's layers (this rank's, this KV-cache group's)."""
+    """The first and last layer index among `layer_names`."""
     from vllm.model_executor.models.utils import extract_layer_index
 
     indices = [extract_layer_index(name) for name in layer_names] or [0]
@@ -212,14 +218,27 @@ class ToptBuilderMixin:
 
     @functools.cached_property
     def topt_layer_span(self) -> tuple[int, int]:
-        # The builder's layers never change: parse their names once, not at every step.
-        return layer_span(self.layer_names)
+        # Each KV-cache group has its own builder (Gemma-3: one for its global layers, five for its sliding
+        # ones); a step is counted once, at the first and last TOPT layer of this rank. Parsed once.
+        return layer_span(list(self._topt_layers()) or self.layer_names)
+
+    @functools.cached_property
+    def topt_windowed_only(self) -> bool:
+        """Whether every layer of this builder has a sliding window (they run the parent on the whole batch)."""
+        layers = self._topt_layers()
+        return bool(self.layer_names) and all(
+            name in layers and layers[name].impl.topt_window is not None for name in self.layer_names)
+
+    def _topt_layers(self) -> dict:
+        context = self.vllm_config.compilation_config.static_forward_context
+        return {name: layer for name, layer in context.items()
+                if isinstance(getattr(layer, "impl", None), ToptImplMixin)}
 
     def topt_batch(self, common_prefix_len: int, cam: CommonAttentionMetadata, full, fast_build: bool) -> ToptBatch:
         num_decodes, num_decode_tokens, rest = split_decode_rows(cam)
         if rest is None:
             prefill = None
-        elif num_decodes == 0:
+        elif num_decodes == 0 or self.topt_windowed_only:
             prefill = full
         else:
             prefill = super().build(common_prefix_len, rest, fast_build)
@@ -266,6 +285,7 @@ class ToptImplMixin:
         if refused:
             raise self.backend.refusal(refused)
         self.topt: ToptProcessConfig = process_config(vllm_config, num_heads)
+        self.topt_window: int | None = sliding_window  # set: the dense parent runs this layer
         self._state: LayerState | None = None
 
     def layer_state(self, layer, kv_cache: torch.Tensor) -> LayerState:
@@ -277,6 +297,9 @@ class ToptImplMixin:
 
         index = extract_layer_index(layer.layer_name)
         plan = self.topt.for_layer(index)
+        if self.topt_window is not None and not plan.rule.dense:  # the front end checks this; so does the worker
+            raise RuntimeError(f"TOPT: layer {index} has a sliding window but thresholds in {self.topt.path}; "
+                               "recalibrate with `vllm-topt-calibrate` (it records sliding-window layers as dense)")
         v_sums = None
         if not plan.rule.dense and plan.rule.vmc:
             v_sums = torch.zeros(kv_cache.shape[0], self.num_kv_heads, self.head_size, dtype=torch.float32,
@@ -298,6 +321,20 @@ class ToptImplMixin:
         counting = self._counting()
         if counting and state.index == batch.first_layer:
             telemetry.record_batch(batch.num_decodes, batch.prefill is not None)
+        if self.topt_window is not None:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+            if counting and batch.num_decodes:
+                self._count_window_rows(state, batch, kv_cache.shape[2])
+        else:
+            self._forward_split(layer, query, key, value, kv_cache, attn_metadata, output, state)
+        if counting and state.index == batch.last_layer:
+            options = self.topt.options
+            telemetry.maybe_report(options.telemetry_interval_s, logger, self.topt.stats_file, self.topt.mode)
+        return output
+
+    def _forward_split(self, layer, query, key, value, kv_cache, attn_metadata, output, state: LayerState) -> None:
+        """Decode rows through Top-θ, the requests after them through the dense parent."""
+        batch: ToptBatch = attn_metadata.topt
         if batch.num_decodes:
             self._decode(layer, query[: batch.num_decodes], kv_cache, attn_metadata,
                          output[: batch.num_decodes], state)
@@ -305,10 +342,12 @@ class ToptImplMixin:
             start = batch.num_decode_tokens
             super().forward(layer, query[start:], key[start:], value[start:], kv_cache, batch.prefill,
                             output[start:])
-        if counting and state.index == batch.last_layer:
-            options = self.topt.options
-            telemetry.maybe_report(options.telemetry_interval_s, logger, self.topt.stats_file, self.topt.mode)
-        return output
+
+    def _count_window_rows(self, state: LayerState, batch: ToptBatch, block_size: int) -> None:
+        """Telemetry of a sliding-window layer's decode rows: every key of the window kept."""
+        counters = window_counters(batch.decode_seq_lens, self.topt_window, self.num_heads, self.num_kv_heads,
+                                   block_size)
+        telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
 
     def _counting(self) -> bool:
         """Whether this forward is a real step (not a CUDA-graph capture)."""

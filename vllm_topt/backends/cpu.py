@@ -50,6 +50,7 @@ class ToptCpuBackend(ToptBackendMixin, CPUAttentionBackend):
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
     platform_name: ClassVar[str] = "CPU"
     dense_alternative: ClassVar[str] = CPU_DENSE_BACKEND
+    dense_parent: ClassVar[str] = "CPU_ATTN"
     default_block_size: ClassVar[int | None] = CPU_DEFAULT_BLOCK_SIZE
 
     @staticmethod

@@ -8,6 +8,7 @@ Reuses TRITON_ATTN's KV layout, KV write and metadata. Decode requests (query
 length 1, pulled to the front of every batch) go through the Triton Top-θ
 kernel (`vllm_topt.kernels.triton.decode`); prefill and other multi-token
 requests run TRITON_ATTN's dense `unified_attention` on their part of the batch.
+Sliding-window layers run TRITON_ATTN on the whole batch (`core`).
 
 Per layer it keeps, on the device: the per-block V sums for VMC (updated at
 every KV write), the layer's thresholds (θ(n) looked up by a kernel) and the
@@ -17,8 +18,8 @@ SPEC §7 counters, which the kernel adds to without a host sync; they are read
 is allocated before capture, by the metadata builder's first `build`.
 
 Not supported (refused in the front-end process by `ToptBackendMixin.check_config`,
-and again by each layer in the worker): FP8 / quantized KV caches, sliding windows, ALiBi, attention
-sinks, multimodal prefix attention, non-decoder attention, KV sharing across
+and again by each layer in the worker): FP8 / quantized KV caches, a sliding window on every layer, ALiBi,
+attention sinks, multimodal prefix attention, non-decoder attention, KV sharing across
 layers, KV connectors, speculative decoding, batch invariance, fused output
 quantization.
 
@@ -63,6 +64,7 @@ from vllm_topt.kernels.triton.decode import (
     topt_decode,
     update_v_block_sums,
 )
+from vllm_topt.method.rules import window_counters
 
 CUDA_DENSE_BACKEND = "--attention-backend TRITON_ATTN (dense)"
 
@@ -73,6 +75,7 @@ class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
     forward_includes_kv_cache_update: bool = False
     platform_name: ClassVar[str] = "CUDA"
     dense_alternative: ClassVar[str] = CUDA_DENSE_BACKEND
+    dense_parent: ClassVar[str] = "TRITON_ATTN"
 
     @staticmethod
     def get_impl_cls() -> type[ToptCudaImpl]:
@@ -244,6 +247,12 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
             out=output, counters=state.counters[:num_decodes], scratch=meta.topt_scratch,
             num_segments=meta.topt_num_segments, max_pages=meta.topt_scratch.block_max.shape[2],
         )
+
+    def _count_window_rows(self, state: CudaLayerState, batch: ToptBatch, block_size: int) -> None:
+        # Added on the device without a sync (and so replayed by a captured graph), read at report time.
+        counters = window_counters(batch.decode_seq_lens, self.topt_window, self.num_heads, self.num_kv_heads,
+                                   block_size)
+        state.counters[: batch.num_decodes] += counters
 
     def _update_v_block_sums(self, v_block_sums, value, slot_mapping, block_size: int) -> None:
         update_v_block_sums(v_block_sums, value, slot_mapping, block_size)

@@ -1,6 +1,7 @@
 """What TOPT cannot serve, said once for calibration, the front-end check and the backends.
 
-`unsupported_model_features` reads a Hugging Face config (the calibration CLI
+Sliding-window layers are served (on the dense kernel); a model whose every
+layer has a window is refused. `unsupported_model_features` reads a Hugging Face config (the calibration CLI
 before it reads any text; the backends' `config_refusals` before the engine
 starts, `vllm_topt/backends/core.py`, which also checks one layer's arguments
 in the worker with the same names). `refusal` turns the names into the one
@@ -10,6 +11,8 @@ message that says what to do instead.
 from __future__ import annotations
 
 SLIDING_WINDOW = "sliding-window attention"
+# Sliding-window layers run on the dense kernel; a model with no other layer leaves TOPT nothing to do.
+SLIDING_WINDOW_EVERY_LAYER = "sliding-window attention on every layer"
 ALIBI = "ALiBi"
 ATTENTION_SINKS = "attention sinks"
 MLA = "multi-head latent attention (MLA)"
@@ -31,13 +34,20 @@ def text_config(hf_config):
     return get() if callable(get) else hf_config
 
 
-def has_sliding_window(cfg) -> bool:
+def sliding_window_layers(cfg) -> list[int]:
+    """The layers that attend within a sliding window (TOPT runs them on the platform's dense kernel)."""
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
-        return any("sliding" in str(kind) for kind in layer_types)
+        return [layer for layer, kind in enumerate(layer_types) if "sliding" in str(kind)]
     if getattr(cfg, "use_sliding_window", None) is False:  # Qwen2 carries a window it does not use
-        return False
-    return bool(getattr(cfg, "sliding_window", None)) or bool(getattr(cfg, "interleaved_sliding_window", None))
+        return []
+    if getattr(cfg, "sliding_window", None) or getattr(cfg, "interleaved_sliding_window", None):
+        return list(range(cfg.num_hidden_layers))  # no per-layer types: the window applies everywhere
+    return []
+
+
+def sliding_window_size(cfg) -> int | None:
+    return getattr(cfg, "sliding_window", None) or getattr(cfg, "interleaved_sliding_window", None)
 
 
 def has_alibi(cfg) -> bool:
@@ -50,7 +60,7 @@ def unsupported_model_features(hf_config) -> list[str]:
     """The features of this model's attention that TOPT refuses (empty: servable)."""
     cfg = text_config(hf_config)
     found = {
-        SLIDING_WINDOW: has_sliding_window(cfg),
+        SLIDING_WINDOW_EVERY_LAYER: len(sliding_window_layers(cfg)) == cfg.num_hidden_layers,
         ALIBI: has_alibi(cfg),
         ATTENTION_SINKS: getattr(cfg, "model_type", None) in SINK_MODEL_TYPES,
         MLA: getattr(cfg, "kv_lora_rank", None) is not None,

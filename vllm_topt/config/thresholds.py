@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_topt.config.support import sliding_window_layers, text_config
 from vllm_topt.method.rules import Placement, Sdc, ToptRule, layer_rules
 
 SCHEMA_VERSION = 1
@@ -135,6 +136,8 @@ class ThresholdFile(BaseModel):
     target_k: int = Field(gt=0)
     layer_k: dict[int, int] = Field(default_factory=dict)
     dense_layers: list[int] = Field(default_factory=list)
+    # Why a dense layer is dense, e.g. its sliding window (the dense kernel runs it) or --dense-layers.
+    dense_layer_reasons: dict[int, str] = Field(default_factory=dict)
     placement: Placement
     compensation: Compensation
     extrapolation: Literal["loglog-slope"] = EXTRAPOLATION_RULE
@@ -165,6 +168,9 @@ class ThresholdFile(BaseModel):
         for layer in list(self.layer_k) + self.dense_layers + list(self.layer_n_grid):
             if not 0 <= layer < m.num_layers:
                 raise ValueError(f"layer index {layer} out of range 0..{m.num_layers - 1}")
+        unexplained = sorted(set(self.dense_layer_reasons) - set(self.dense_layers))
+        if unexplained:
+            raise ValueError(f"dense_layer_reasons names layer {unexplained[0]}, which is not in dense_layers")
         if self.placement is Placement.POST_SOFTMAX and self.compensation.sdc is not Sdc.NONE:
             raise ValueError("SDC applies to pre-softmax placement only; set compensation.sdc to 'none'")
         for layer, per_head in enumerate(self.thresholds):
@@ -269,6 +275,14 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
             f"{mine.fingerprint}), but the served model's config has fingerprint "
             f"{served.fingerprint}. Use the thresholds of this model or calibrate it "
             "with `vllm-topt-calibrate`."
+        )
+    thresholded = [layer for layer in sliding_window_layers(text_config(hf_config)) if not thresholds.is_dense_layer(layer)]
+    if thresholded:
+        raise ThresholdFileError(
+            f"TOPT threshold file {path} has thresholds for layers {thresholded}, which the served model runs "
+            "with a sliding window: TOPT serves those on the dense kernel, and the file's other layers were "
+            "calibrated with them sparse. Recalibrate with `vllm-topt-calibrate` (it records sliding-window "
+            "layers as dense)."
         )
 
 

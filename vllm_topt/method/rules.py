@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields
 
+import torch
+
 
 class _Coded(str, enum.Enum):
     """A string-valued enum whose kernel code is its position in the declaration."""
@@ -117,3 +119,25 @@ class DensityCounts:
 
 COUNTER_FIELDS = tuple(f.name for f in fields(DensityCounts))
 NUM_COUNTERS = len(COUNTER_FIELDS)
+
+
+def window_counters(seq_lens: torch.Tensor, window: int | None, num_heads: int, num_kv_heads: int,
+                    block_size: int) -> torch.Tensor:
+    """SPEC §7 counters of rows attended densely ([R, NUM_COUNTERS] int64, `COUNTER_FIELDS` order).
+
+    Row r sees its last `window` keys (all `seq_lens[r]` without a window), every
+    one kept; its V blocks are the pages those keys span. Torch ops only, so a
+    captured CUDA graph replays them.
+    """
+    n = seq_lens.to(torch.int64)
+    first = n - n if window is None else (n - window).clamp(min=0)
+    keys = n - first
+    blocks = (n - 1).div(block_size, rounding_mode="floor") - first.div(block_size, rounding_mode="floor") + 1
+    zero = torch.zeros_like(n)
+    by_field = {
+        "rows": torch.ones_like(n),
+        "elements_visible": keys * num_heads, "elements_kept": keys * num_heads,
+        "v_rows_visible": keys * num_kv_heads, "v_rows_read": keys * num_kv_heads,
+        "v_blocks_visible": blocks * num_kv_heads, "v_blocks_read": blocks * num_kv_heads,
+    }
+    return torch.stack([by_field.get(name, zero) for name in COUNTER_FIELDS], dim=1)
