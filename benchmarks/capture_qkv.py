@@ -58,6 +58,7 @@ def make_capture_attention(store: dict, positions: torch.Tensor):
 
 def capture(model_path: str, contexts: list[int], queries: int, threads: int | None) -> dict:
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,6 +71,9 @@ def capture(model_path: str, contexts: list[int], queries: int, threads: int | N
     num_layers = model.config.num_hidden_layers
     store = {"k": [None] * num_layers, "v": [None] * num_layers, "q": [None] * num_layers}
     AttentionInterface.register(CAPTURE_IMPL, make_capture_attention(store, positions))
+    # An attention function transformers does not know gets no mask, so SDPA would run plain causal
+    # attention and lose Gemma-3's sliding windows; give it SDPA's masks.
+    AttentionMaskInterface.register(CAPTURE_IMPL, sdpa_mask)
     model.set_attn_implementation(CAPTURE_IMPL)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -173,8 +173,8 @@ def layer_rules(path: str | None, num_layers: int, num_heads: int):
     if path is None:
         return [ToptRule(dense=True)] * num_layers, [None] * num_layers, None
     f = load_threshold_file(path)
-    if len(f.thresholds) != num_layers or len(f.thresholds[0]) != num_heads:
-        raise SystemExit(f"{path} is for {len(f.thresholds)} layers x {len(f.thresholds[0])} heads, "
+    if f.model.num_layers != num_layers or f.model.num_heads != num_heads:
+        raise SystemExit(f"{path} is for {f.model.num_layers} layers x {f.model.num_heads} heads, "
                          f"the capture has {num_layers} x {num_heads}: pass the capture's model's file")
     plan = f.layer_plan()
     return [p.rule for p in plan], [p.thresholds for p in plan], f
