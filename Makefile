@@ -39,7 +39,7 @@ serve: setup
 		--dtype float32 --max-model-len 8192 --max-num-seqs 8 --host 0.0.0.0 --port $(PORT)
 
 test: setup $(SLIDING_WINDOW_MODEL)/config.json
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
 
 # Rebuild the shipped thresholds of the default model (about 8 minutes on 2 cores).
 calibrate-default: setup

@@ -59,66 +59,75 @@ def test_concurrent_requests_and_telemetry_line(server):
 
 # A front-end refusal: the API server process exits before any engine process starts.
 FRONT_END_REFUSAL_S = 120
+# The refusing servers spend their time importing vLLM, one core each: two at a time halve the wait.
+CONCURRENT_REFUSALS = 2
 
-
-def start_and_expect_refusal(topt: dict, expected: str, model: Path = DEFAULT_MODEL, extra_args=()) -> str:
-    start = time.monotonic()
-    proc = subprocess.run(
-        server_command(free_port(), topt, model, extra_args), cwd=ROOT, env=server_env(),
-        capture_output=True, text=True, timeout=START_TIMEOUT_S,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output[-3000:]
-    assert expected in output, output[-3000:]
-    assert "EngineCore" not in output, "refused only after an engine process started:\n" + output[-3000:]
-    assert time.monotonic() - start < FRONT_END_REFUSAL_S, output[-3000:]
-    return output
-
-
-def test_refuses_thresholds_of_another_model(tmp_path):
-    path = tmp_path / "other.json"
-    path.write_text(json.dumps(valid_file_dict()))
-    out = start_and_expect_refusal({"thresholds": str(path)}, "was calibrated for tiny")
-    assert str(path) in out
-
-
-def test_refuses_missing_threshold_file(tmp_path):
-    start_and_expect_refusal({"thresholds": str(tmp_path / "nope.json")}, "does not exist")
-
-
-def test_refuses_unknown_topt_key():
-    start_and_expect_refusal({"treshold": "x"}, "Known keys: thresholds")
-
-
-def test_refuses_model_without_shipped_thresholds(tmp_path):
-    # The default model's config with another maximum length: a different model.
-    model = variant_of_default_model(tmp_path, "other-model", max_position_embeddings=4096)
-    start_and_expect_refusal({}, "no shipped threshold file", model=model)
-
-
-def test_refuses_sliding_window_model_before_the_engine_starts(tmp_path):
-    # The same check (vllm_topt.config.support) refuses it in calibration: tests/test_calibration.py.
-    out = start_and_expect_refusal({}, "TOPT does not support sliding-window attention on every layer",
-                                   model=sliding_window_model(tmp_path))
-    assert "CPU_ATTN" in out
-
-
-# Every other refusal of ToptBackendMixin.config_refusals / the CPU kernel check, through the real front end.
+# case -> (topt options, config changes to the default model (or None), extra server args, expected text).
+# Every refusal of ToptBackendMixin.config_refusals, the CPU kernel check and the threshold resolution.
 FRONT_END_REFUSALS = {
-    "fp8-kv-cache": ((), ["--kv-cache-dtype", "fp8"], "TOPT does not support KV cache dtype fp8"),
-    "block-size-over-kernel-limit": ((), ["--block-size", "512"], "at most 256 tokens"),
-    "pipeline-parallelism": ((), ["--pipeline-parallel-size", "2"], "TOPT does not support pipeline parallelism"),
-    "speculative-decoding": ((), ["--speculative-config", json.dumps(
+    "thresholds-of-another-model": ("other-file", None, [], "was calibrated for tiny"),
+    "missing-threshold-file": ("missing-file", None, [], "does not exist"),
+    "unknown-topt-key": ({"treshold": "x"}, None, [], "Known keys: thresholds"),
+    # The default model's config with another maximum length: a different model.
+    "no-shipped-thresholds": ({}, {"max_position_embeddings": 4096}, [], "no shipped threshold file"),
+    # The same check (vllm_topt.config.support) refuses it in calibration: tests/test_calibration.py.
+    "sliding-window-on-every-layer": ({}, "sliding-window", [],
+                                      "TOPT does not support sliding-window attention on every layer"),
+    "fp8-kv-cache": ({}, None, ["--kv-cache-dtype", "fp8"], "TOPT does not support KV cache dtype fp8"),
+    "block-size-over-kernel-limit": ({}, None, ["--block-size", "512"], "at most 256 tokens"),
+    "pipeline-parallelism": ({}, None, ["--pipeline-parallel-size", "2"], "TOPT does not support pipeline parallelism"),
+    "speculative-decoding": ({}, None, ["--speculative-config", json.dumps(
         {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})],
         "TOPT does not support speculative decoding"),
-    "alibi": ({"alibi": True}, [], "TOPT does not support ALiBi"),
-    "kv-sharing": ({"num_kv_shared_layers": 2}, [], "TOPT does not support KV sharing across layers"),
+    "alibi": ({}, {"alibi": True}, [], "TOPT does not support ALiBi"),
+    "kv-sharing": ({}, {"num_kv_shared_layers": 2}, [], "TOPT does not support KV sharing across layers"),
 }
 
 
+def refusal_inputs(case: str, root: Path) -> tuple[dict, Path, list[str]]:
+    topt, config_changes, args, _ = FRONT_END_REFUSALS[case]
+    if topt == "other-file":
+        path = root / "other.json"
+        path.write_text(json.dumps(valid_file_dict()))
+        topt = {"thresholds": str(path)}
+    elif topt == "missing-file":
+        topt = {"thresholds": str(root / "nope.json")}
+    if config_changes == "sliding-window":
+        model = sliding_window_model(root)
+    elif config_changes:
+        model = variant_of_default_model(root, case, **config_changes)
+    else:
+        model = DEFAULT_MODEL
+    return topt, model, args
+
+
+def run_refusing_server(topt: dict, model: Path, args: list[str]) -> tuple[int, str, float]:
+    start = time.monotonic()
+    proc = subprocess.run(server_command(free_port(), topt, model, args), cwd=ROOT, env=server_env(),
+                          capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[str, tuple[int, str, float, dict]]:
+    """Every case's (exit code, output, seconds, topt options), the servers run two at a time."""
+    inputs = {case: refusal_inputs(case, tmp_path_factory.mktemp(case)) for case in FRONT_END_REFUSALS}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENT_REFUSALS) as pool:
+        futures = {case: pool.submit(run_refusing_server, *spec) for case, spec in inputs.items()}
+        return {case: (*future.result(), inputs[case][0]) for case, future in futures.items()}
+
+
 @pytest.mark.parametrize("case", list(FRONT_END_REFUSALS))
-def test_front_end_refuses_what_topt_cannot_serve(tmp_path, case):
-    config_changes, args, expected = FRONT_END_REFUSALS[case]
-    model = variant_of_default_model(tmp_path, case, **dict(config_changes)) if config_changes else DEFAULT_MODEL
-    out = start_and_expect_refusal({}, expected, model=model, extra_args=args)
-    assert "CPU_ATTN" in out or "cpu_kernel" in out or "--block-size" in out
+def test_front_end_refuses_what_topt_cannot_serve(refusals, case):
+    returncode, output, seconds, topt = refusals[case]
+    expected = FRONT_END_REFUSALS[case][3]
+    assert returncode != 0, output[-3000:]
+    assert expected in output, output[-3000:]
+    assert "EngineCore" not in output, "refused only after an engine process started:\n" + output[-3000:]
+    assert seconds < FRONT_END_REFUSAL_S, output[-3000:]
+    if "thresholds" in topt:
+        assert topt["thresholds"] in output  # the message names the file
+    if "does not support" in expected:
+        assert "CPU_ATTN" in output or "cpu_kernel" in output  # and the dense backend to use instead
+    if case == "block-size-over-kernel-limit":
+        assert "--block-size 128" in output
