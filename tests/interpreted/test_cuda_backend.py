@@ -180,3 +180,36 @@ def test_builder_splits_decodes_from_prefills(parent_build):
         builder.build(0, common_metadata([1, 4, 1], [3, 9, 5]))
     with pytest.raises(RuntimeError, match="buffers sized for"):
         builder_stub(max_decodes=2).build(0, common_metadata([1, 1, 1], [3, 4, 5]))
+
+
+def test_sliding_window_layer_counts_its_window_on_the_device(topt, monkeypatch):
+    """A sliding-window layer runs TRITON_ATTN's forward (the parent's); its decode rows add fully-kept window
+    counts to the layer's device counters, which telemetry reads like the kernel's."""
+    from vllm_topt.method.rules import window_counters
+
+    window, lengths = 24, [5, 40, 70]
+    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(ToptRule(dense=True), None))
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, window, "auto")
+    assert impl.topt_window == window
+    kv_cache = paged.allocate_kv_cache(16, BS, H_KV, D, torch.float32, generator=torch.Generator().manual_seed(0))
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", kv_cache=kv_cache)
+    state = impl.layer_state(layer, kv_cache)
+    assert state.v_block_sums is None and state.thresholds is None
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    batch = core.ToptBatch(3, 3, seq_lens, torch.zeros(3, 5, dtype=torch.int32), prefill=None, first_layer=0,
+                           last_layer=0)
+    impl._count_window_rows(state, batch, BS)
+    telemetry.flush_device_counters()
+    counts = telemetry.snapshot()[0]
+    assert counts == DensityCounts.from_counters(window_counters(seq_lens, window, H, H_KV, BS).sum(0).tolist())
+    assert counts.elements_kept == counts.elements_visible == H * (5 + window + window)
+    assert counts.v_blocks_visible == H_KV * (1 + 2 + 3)  # rows 40 and 70 span 2 and 3 pages of 16
+
+
+def test_sliding_window_layer_with_thresholds_is_refused(topt, monkeypatch):
+    monkeypatch.setattr(topt, "path", "old.json", raising=False)
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, 24, "auto")
+    kv_cache = paged.allocate_kv_cache(4, BS, H_KV, D, torch.float32, generator=torch.Generator().manual_seed(0))
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", kv_cache=kv_cache)
+    with pytest.raises(RuntimeError, match="sliding window but thresholds.*recalibrate"):
+        impl.layer_state(layer, kv_cache)
