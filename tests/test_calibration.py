@@ -23,7 +23,7 @@ from vllm_topt.calibration import calibrate
 from vllm_topt.calibration.attention import CalibrationSession, set_session, topt_calibrate_attention
 from vllm_topt.calibration.data import HELDOUT_EVERY, DataError, bbc_articles, user_corpus
 from vllm_topt.method.rules import ToptRule
-from vllm_topt.config.support import unsupported_model_features
+from vllm_topt.config.support import sliding_window_layers, unsupported_model_features
 from vllm_topt.config.thresholds import LayerThresholds, load_threshold_file
 
 MODEL = str(DEFAULT_MODEL)
@@ -177,27 +177,24 @@ def test_row_chunks_give_the_same_statistics_as_one_chunk(mode, placement):
         assert int(one.value_count.sum()) == B * H * (T - rule.k)  # every row with n > k sampled once
 
 
-GEMMA = ROOT / "models" / "gemma3-270m"
-
-
-def test_sliding_window_layers_are_dense_and_cannot_take_a_k(tmp_path):
-    out = ["--model", str(GEMMA), "--out", str(tmp_path / "g.json")]
+def test_sliding_window_layers_are_dense_and_cannot_take_a_k(tmp_path, gemma_model):
+    out = ["--model", str(gemma_model), "--out", str(tmp_path / "g.json")]
     assert "layer 0 has a sliding window" in refusal([*out, "--layer-k", "0:64"])
     every_global = ",".join(map(str, (5, 11, 17)))
     message = refusal([*out, "--dense-layers", every_global])
     assert "every layer would be dense (layers 5, 11, 17 (--dense-layers); 15 sliding-window layers)" in message
 
 
-def test_calibration_attention_keeps_the_sliding_window():
+def test_calibration_attention_keeps_the_sliding_window(gemma_model):
     """Dense mode of the calibration attention reproduces Gemma-3's own logits past its 512-token window."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[2] + list(range(1000, 1799))])  # <bos> and 799 tokens: rows past the window
-    reference = AutoModelForCausalLM.from_pretrained(GEMMA, dtype=torch.float32, attn_implementation="sdpa").eval()
+    reference = AutoModelForCausalLM.from_pretrained(gemma_model, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.inference_mode():
         expected = reference(ids).logits[0, -64:]
     del reference
-    config, _, model = calibrate.load_model(str(GEMMA))
+    config, _, model = calibrate.load_model(str(gemma_model))
     rules = [ToptRule(dense=True)] * config.num_hidden_layers
     set_session(CalibrationSession(config.num_hidden_layers, config.num_attention_heads, ids.shape[1], rules,
                                    mode="dense"))

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tests.cases import RULES
-from tests.engine_run import ROOT
 from tests.paged import build_paged_batch
 from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
 from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
@@ -260,26 +259,25 @@ def test_head_size_256_random(decode, rule, H, H_kv):
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
 
 
-GEMMA = ROOT / "models" / "gemma3-270m"
 GEMMA_CONTEXTS = (600, 1500)  # below and well past its 512-token sliding window
 
 
 @pytest.fixture(scope="module")
-def gemma_capture():
+def gemma_capture(gemma_model):
     """Real decode-time Q/K/V of Gemma-3-270M (head size 256, 4 query / 1 KV head) on held-out text."""
     from benchmarks.capture_qkv import capture
 
-    return capture(str(GEMMA), list(GEMMA_CONTEXTS), queries=3, threads=None)
+    return capture(str(gemma_model), list(GEMMA_CONTEXTS), queries=3, threads=None)
 
 
 @pytest.mark.parametrize("context", GEMMA_CONTEXTS)
-def test_head_size_256_on_captured_gemma(decode, gemma_capture, context):
+def test_head_size_256_on_captured_gemma(decode, gemma_model, gemma_capture, context):
     """The global layers of Gemma-3 with their shipped thresholds: both fast paths equal the reference."""
     from transformers import AutoConfig
 
     from vllm_topt.config.options import ToptOptions, resolve_thresholds
 
-    file, _ = resolve_thresholds(ToptOptions(), AutoConfig.from_pretrained(GEMMA), "gemma3-270m")
+    file, _ = resolve_thresholds(ToptOptions(), AutoConfig.from_pretrained(gemma_model), "gemma3-270m")
     cap, bs = gemma_capture, 128
     plans = file.layer_plan()
     sparse = [layer for layer, plan in enumerate(plans) if not plan.rule.dense]

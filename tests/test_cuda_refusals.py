@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_run import DEFAULT_MODEL, ROOT
+from tests.engine_run import DEFAULT_MODEL
 from tests.model_folders import sliding_window_model, variant_of_default_model
 
 
@@ -30,9 +30,9 @@ def test_cuda_serves_the_default_model(cuda_backend):
     assert cuda_backend.config_refusals(engine_config()) == []
 
 
-def test_cuda_serves_gemma3_with_its_sliding_window_layers(cuda_backend):
+def test_cuda_serves_gemma3_with_its_sliding_window_layers(cuda_backend, gemma_model):
     # Its sliding-window layers run on TRITON_ATTN's kernel, the global layers through Top-θ.
-    assert cuda_backend.config_refusals(engine_config(ROOT / "models" / "gemma3-270m")) == []
+    assert cuda_backend.config_refusals(engine_config(gemma_model)) == []
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -13,11 +13,11 @@ import json
 
 import pytest
 
-from tests.engine_run import ROOT, run_engine
+from tests.conftest import GEMMA_MODEL as GEMMA
+from tests.engine_run import run_engine
 from tests.serving import complete, serving
 from vllm_topt.calibration.data import bbc_articles
 
-GEMMA = ROOT / "models" / "gemma3-270m"
 WINDOW = 512
 GLOBAL_LAYERS = [5, 11, 17]
 NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS = 18, 4, 1
@@ -43,7 +43,7 @@ PROMPTS = ["The capital of France is", news_prompt(500), news_prompt(950)]
 
 
 @pytest.fixture(scope="module")
-def tmp_dir(tmp_path_factory):
+def tmp_dir(tmp_path_factory, gemma_model):
     return tmp_path_factory.mktemp("gemma")
 
 

@@ -200,12 +200,11 @@ def test_default_model_has_shipped_thresholds():
     assert resolved == path and f.model.num_heads == 9
 
 
-def test_thresholds_on_sliding_window_layers_are_refused(tmp_path):
+def test_thresholds_on_sliding_window_layers_are_refused(tmp_path, gemma_model):
     """A file that thresholds a layer the model runs with a sliding window (an older calibration)."""
     from transformers import AutoConfig
 
-    gemma = ROOT / "models" / "gemma3-270m"
-    config = AutoConfig.from_pretrained(gemma)
+    config = AutoConfig.from_pretrained(gemma_model)
     path = find_shipped_thresholds(config)
     assert path is not None and "gemma3" in path.name
     shipped = json.loads(path.read_text())
