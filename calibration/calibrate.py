@@ -15,6 +15,10 @@ across n onto a geometric grid (per layer, from that layer's k), and write the
 threshold file. Finally apply the thresholds to held-out text and report
 kept/k and the densities.
 
+Sliding-window layers (Gemma-2/3's local layers, read from the model config)
+run with their window and are recorded as dense, with the reason, since the
+dense kernel serves them.
+
 Every argument is checked against the model's config before any text is
 read, and the data before the weights load. The statistics are checkpointed
 to OUT.checkpoint.pt after every sequence: an interrupted run (Ctrl-C, a lost
@@ -101,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
                    help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
     p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
-                   help="layers that stay dense, e.g. '0,1'")
+                   help="layers that stay dense, e.g. '0,1' (sliding-window layers always do: the dense kernel "
+                        "serves them)")
     p.add_argument("--num-seqs", type=int, default=48, help="calibration sequences (default 48)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence")
     p.add_argument("--heldout-seqs", type=int, default=8, help="held-out sequences for the kept/k check")
