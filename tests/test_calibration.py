@@ -190,7 +190,7 @@ def test_calibration_attention_keeps_the_sliding_window(gemma_model):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[2] + list(range(1000, 1799))])  # <bos> and 799 tokens: rows past the window
-    reference = AutoModelForCausalLM.from_pretrained(gemma_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    reference = AutoModelForCausalLM.from_pretrained(gemma_model, dtype=torch.float32, attn_implementation="sdpa")
     with torch.inference_mode():
         expected = reference(ids).logits[0, -64:]
     del reference

@@ -44,6 +44,8 @@ class RunMode:
         if self.num_layers is None:
             return f"k={self.target_k}"
         return f"k={self.target_k}, {self.thresholded_layers} of {self.num_layers} layers thresholded"
+
+
 # Forward passes by batch kind, counted once per step (at the first attention layer).
 _batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 

@@ -1,11 +1,11 @@
 """What TOPT cannot serve, said once for calibration, the front-end check and the backends.
 
 Sliding-window layers are served (on the dense kernel); a model whose every
-layer has a window is refused. `unsupported_model_features` reads a Hugging Face config (the calibration CLI
-before it reads any text; the backends' `config_refusals` before the engine
-starts, `vllm_topt/backends/core.py`, which also checks one layer's arguments
-in the worker with the same names). `refusal` turns the names into the one
-message that says what to do instead.
+layer has a window is refused. `unsupported_model_features` reads a Hugging
+Face config (the calibration CLI before it reads any text; the backends'
+`config_refusals` before the engine starts, `vllm_topt/backends/core.py`,
+which also checks one layer's arguments in the worker with the same names).
+`refusal` turns the names into the one message that says what to do instead.
 """
 
 from __future__ import annotations

@@ -276,7 +276,8 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
             f"{served.fingerprint}. Use the thresholds of this model or calibrate it "
             "with `vllm-topt-calibrate`."
         )
-    thresholded = [layer for layer in sliding_window_layers(text_config(hf_config)) if not thresholds.is_dense_layer(layer)]
+    windowed = sliding_window_layers(text_config(hf_config))
+    thresholded = [layer for layer in windowed if not thresholds.is_dense_layer(layer)]
     if thresholded:
         raise ThresholdFileError(
             f"TOPT threshold file {path} has thresholds for layers {thresholded}, which the served model runs "
