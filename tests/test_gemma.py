@@ -48,7 +48,9 @@ def tmp_dir(tmp_path_factory, gemma_model):
 
 
 def engine(tmp_dir, backend: str, label: str, topt: dict | None = None) -> dict:
-    spec = {"backend": backend, "model": str(GEMMA), "prompts": PROMPTS, "max_tokens": MAX_TOKENS}
+    # Whole prompts per step: this module tests the layer routing, test_engine.py the mixed batches.
+    spec = {"backend": backend, "model": str(GEMMA), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
+            "max_num_batched_tokens": 2048}
     if topt is not None:
         spec["topt"] = topt
     return run_engine(spec, tmp_dir, label)
