@@ -168,9 +168,8 @@ def check_topt_config(vllm_config, is_cpu: bool) -> None:
     if options.disable_sparsity:
         mode = "sparsity disabled"
     else:
-        rules = thresholds.layer_rules()
         mode = (f"k={thresholds.target_k}, {thresholds.placement}, "
-                f"{sum(not r.dense for r in rules)} of {len(rules)} layers thresholded")
+                f"{len(thresholds.thresholded_layers())} of {thresholds.model.num_layers} layers thresholded")
     logger.info("TOPT thresholds: %s (%s, block size %s)", path, mode, cache_config.block_size)
     windowed = sliding_window_layers(text_config(model_config.hf_config))
     if windowed:

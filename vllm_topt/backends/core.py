@@ -347,6 +347,10 @@ class ToptImplMixin:
         """Telemetry of a sliding-window layer's decode rows: every key of the window kept."""
         counters = window_counters(batch.decode_seq_lens, self.topt_window, self.num_heads, self.num_kv_heads,
                                    block_size)
+        self._add_counters(state, counters)
+
+    def _add_counters(self, state: LayerState, counters: torch.Tensor) -> None:
+        """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry."""
         telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
 
     def _counting(self) -> bool:

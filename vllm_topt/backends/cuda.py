@@ -64,7 +64,6 @@ from vllm_topt.kernels.triton.decode import (
     topt_decode,
     update_v_block_sums,
 )
-from vllm_topt.method.rules import window_counters
 
 CUDA_DENSE_BACKEND = "--attention-backend TRITON_ATTN (dense)"
 
@@ -248,11 +247,9 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
             num_segments=meta.topt_num_segments, max_pages=meta.topt_scratch.block_max.shape[2],
         )
 
-    def _count_window_rows(self, state: CudaLayerState, batch: ToptBatch, block_size: int) -> None:
+    def _add_counters(self, state: CudaLayerState, counters: torch.Tensor) -> None:
         # Added on the device without a sync (and so replayed by a captured graph), read at report time.
-        counters = window_counters(batch.decode_seq_lens, self.topt_window, self.num_heads, self.num_kv_heads,
-                                   block_size)
-        state.counters[: batch.num_decodes] += counters
+        state.counters[: counters.shape[0]] += counters
 
     def _update_v_block_sums(self, v_block_sums, value, slot_mapping, block_size: int) -> None:
         update_v_block_sums(v_block_sums, value, slot_mapping, block_size)

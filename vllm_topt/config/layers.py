@@ -40,8 +40,8 @@ class ToptProcessConfig:
 
     @property
     def mode(self) -> telemetry.RunMode:
-        thresholded = sum(not plan.rule.dense for plan in self.layers)
-        return telemetry.RunMode(self.file.target_k, self.options.disable_sparsity, thresholded, len(self.layers))
+        return telemetry.RunMode(self.file.target_k, self.options.disable_sparsity,
+                                 len(self.file.thresholded_layers()), self.file.model.num_layers)
 
 
 def process_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:

@@ -41,7 +41,7 @@ def sliding_window_layers(cfg) -> list[int]:
         return [layer for layer, kind in enumerate(layer_types) if "sliding" in str(kind)]
     if getattr(cfg, "use_sliding_window", None) is False:  # Qwen2 carries a window it does not use
         return []
-    if getattr(cfg, "sliding_window", None) or getattr(cfg, "interleaved_sliding_window", None):
+    if sliding_window_size(cfg):
         return list(range(cfg.num_hidden_layers))  # no per-layer types: the window applies everywhere
     return []
 

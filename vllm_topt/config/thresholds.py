@@ -203,6 +203,10 @@ class ThresholdFile(BaseModel):
     def is_dense_layer(self, layer: int) -> bool:
         return layer in self.dense_layers
 
+    def thresholded_layers(self) -> list[int]:
+        """The layers Top-θ applies to (the rest are dense: sliding-window layers, --dense-layers)."""
+        return [layer for layer in range(self.model.num_layers) if not self.is_dense_layer(layer)]
+
     def layer_rules(self, disable_sparsity: bool = False) -> list[ToptRule]:
         """What each layer does with a decode row under this file."""
         return layer_rules(self.model.num_layers, self.placement, self.compensation.sdc, self.compensation.vmc,
