@@ -98,14 +98,14 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
     k_all = key.repeat_interleave(group, dim=1).float()
     v_all = value.repeat_interleave(group, dim=1).float()
     scale = scaling if scaling is not None else d**-0.5
-    # VMC's mean(V) over each row's prefix, [B, H, T, d]: linear in T.
-    running_mean = v_all.cumsum(dim=2) / torch.arange(1, T + 1, device=query.device)[None, None, :, None]
+    # Σ V over each prefix, [B, H, T, d]: VMC's means come from it in O(T · d).
+    v_prefix = v_all.cumsum(dim=2)
     step = query_chunk_rows(session, B, H, T)
     out = torch.empty(B, H, T, d, dtype=torch.float32, device=query.device)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         out[:, :, r0:r1] = _attend_rows(session, layer, query[:, :, r0:r1].float(), k_all[:, :, :r1],
-                                        v_all[:, :, :r1], running_mean[:, :, r0:r1], r0, scale, key.shape[1],
+                                        v_all[:, :, :r1], v_prefix[:, :, :r1], r0, scale, key.shape[1],
                                         window)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -115,7 +115,7 @@ def query_chunk_rows(session: "CalibrationSession", B: int, H: int, T: int) -> i
     return max(1, min(T, session.chunk_elements // max(B * H * T, 1)))
 
 
-def _attend_rows(session, layer, q, k_all, v_all, running_mean, r0, scale, num_kv_heads, window=None):
+def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_heads, window=None):
     """Attention of query rows r0 .. r0+C-1 (row i sees keys 0..i, so n = i + 1) over keys [:r1];
     with a sliding window, row i sees keys i-window+1..i."""
     rule = session.rules[layer]
@@ -158,8 +158,36 @@ def _attend_rows(session, layer, q, k_all, v_all, running_mean, r0, scale, num_k
             weights = kept_weights(scores, keep & causal, theta, rule)
     out = weights @ v_all
     if rule.vmc and keep is not None:
-        out = out + (1.0 - weights.sum(dim=-1, keepdim=True)) * running_mean
+        rest = 1.0 - weights.sum(dim=-1, keepdim=True)
+        if rule.block_vmc:
+            out = out + rest * _block_means(p.masked_fill(keep, 0.0), v_all, v_prefix, n, session.block_size)
+        else:
+            out = out + rest * v_prefix[:, :, n - 1] / n.to(q.device, q.dtype)[:, None]
     return out
+
+
+def _block_means(dropped_p, v_all, v_prefix, n, block_size):
+    """SPEC §4 block-wise VMC: Σ_b (d_b / Σ_c d_c) · mean(V of block b), [B, H, C, d].
+
+    dropped_p [B, H, C, r1]: the dense p of each dropped element (0 if kept or
+    not visible); n [C]: the rows' lengths. A row's last block holds its
+    visible rows only, so its mean comes from the prefix sums.
+    """
+    B, H, C, r1 = dropped_p.shape
+    pad = (-r1) % block_size
+    nb = (r1 + pad) // block_size
+    dropped = F.pad(dropped_p, (0, pad)).view(B, H, C, nb, block_size).sum(dim=-1)  # d_b, [B, H, C, nb]
+    share = dropped / dropped.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(dropped.dtype).tiny)
+    full_mean = F.pad(v_all, (0, 0, 0, pad)).view(B, H, nb, block_size, -1).sum(dim=3) / block_size
+    means = share @ full_mean  # right for every block but each row's last, which may be partial
+    device = dropped_p.device
+    last = ((n - 1) // block_size).to(device)  # [C]
+    first_row = last * block_size
+    end_sum = v_prefix[:, :, (n - 1).to(device)]  # Σ V over rows 0..n-1, [B, H, C, d]
+    before = v_prefix[:, :, (first_row - 1).clamp(min=0)] * (first_row > 0)[:, None].to(v_prefix.dtype)
+    last_mean = (end_sum - before) / (n.to(device) - first_row)[:, None].to(v_prefix.dtype)
+    last_share = share.gather(-1, last.expand(B, H, C)[..., None])  # [B, H, C, 1]
+    return means + last_share * (last_mean - full_mean[:, :, last])
 
 
 def _collect_and_cut(session, layer, rule, domain, n, short):

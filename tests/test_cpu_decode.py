@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.cases import RULES
+from tests.cases import RULES, rule_id
 from tests.paged import build_paged_batch
 from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
 from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
@@ -79,7 +79,7 @@ def assert_counts_close(fast: DensityCounts, ref: DensityCounts, slack: int = 2)
     assert abs(fast.thresholded_kept - ref.thresholded_kept) <= slack
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}")
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
 @pytest.mark.parametrize("H,H_kv", [(8, 2), (4, 4), (9, 3)])
 def test_matches_reference_random(decode, rule, H, H_kv):
     d, bs, scale = 64, 32, 0.125 * 3
@@ -245,7 +245,7 @@ def test_cpp_threshold_table_by_length_matches_per_row():
 # ------------------------------------------------------------------ head size 256 (Gemma-3)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}")
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
 @pytest.mark.parametrize("H,H_kv", [(4, 1), (8, 2)])
 def test_head_size_256_random(decode, rule, H, H_kv):
     d, bs, scale = 256, 128, 256**-0.5

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.cases import RULES
+from tests.cases import RULES, rule_id
 from tests.interpret import interpreter_env, load_interpreted
 from benchmarks import cuda_paged as paged
 from vllm_topt.method.rules import DensityCounts, ToptRule
@@ -135,10 +135,6 @@ def assert_counts_match(counters: torch.Tensor, ref_rows: list[DensityCounts], s
             assert getattr(got, field) == getattr(ref, field), (i, field, got, ref)
         for field in ("elements_kept", "v_rows_read", "v_blocks_read", "thresholded_kept"):
             assert abs(getattr(got, field) - getattr(ref, field)) <= slack, (i, field, got, ref)
-
-
-def rule_id(r: ToptRule) -> str:
-    return f"{r.placement}-{r.sdc}-vmc{int(r.vmc)}-dense{int(r.dense)}"
 
 
 @pytest.mark.parametrize("rule", RULES, ids=rule_id)

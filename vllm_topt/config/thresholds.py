@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_topt.config.support import sliding_window_layers, text_config
-from vllm_topt.method.rules import Placement, Sdc, ToptRule, layer_rules
+from vllm_topt.method.rules import Placement, Sdc, ToptRule, VmcScope, layer_rules
 
 SCHEMA_VERSION = 1
 EXTRAPOLATION_RULE = "loglog-slope"
@@ -112,6 +112,9 @@ class Compensation(BaseModel):
 
     sdc: Sdc = Sdc.NONE
     vmc: bool = True
+    # "block": each V block's dropped mass times its own mean(V) (SPEC §4); files
+    # without the field compensate over the whole sequence, as before.
+    vmc_scope: VmcScope = VmcScope.SEQUENCE
 
 
 class Provenance(BaseModel):
@@ -210,7 +213,8 @@ class ThresholdFile(BaseModel):
     def layer_rules(self, disable_sparsity: bool = False) -> list[ToptRule]:
         """What each layer does with a decode row under this file."""
         return layer_rules(self.model.num_layers, self.placement, self.compensation.sdc, self.compensation.vmc,
-                           self.target_k, self.layer_k, self.dense_layers, disable_sparsity)
+                           self.target_k, self.layer_k, self.dense_layers, disable_sparsity,
+                           self.compensation.vmc_scope)
 
     def rule_for_layer(self, layer: int, disable_sparsity: bool = False) -> ToptRule:
         return self.layer_rules(disable_sparsity)[layer]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import torch
 
-from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope
 
 
 def keep_mask(scores: torch.Tensor, theta: torch.Tensor, rule: ToptRule) -> torch.Tensor:
@@ -49,6 +49,27 @@ def kept_weights(scores: torch.Tensor, keep: torch.Tensor, theta: torch.Tensor, 
     return e_kept / (S_K + D).clamp(min=torch.finfo(e.dtype).tiny)
 
 
+def compensation_mean(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor, rule: ToptRule,
+                      block_size: int) -> torch.Tensor:
+    """SPEC §4: the V mean that VMC adds per unit of dropped mass, [d].
+
+    scores, keep: [n]; v: [n, d]. "sequence": mean(v_1..v_n). "block": the
+    blocks' means weighted by the dense probability each block dropped.
+    """
+    if rule.vmc_scope is VmcScope.SEQUENCE:
+        return v.mean(dim=0)
+    n = v.shape[0]
+    dropped_p = torch.where(keep, torch.zeros_like(scores), torch.softmax(scores, dim=-1))
+    total = dropped_p.sum()
+    if total <= 0:
+        return torch.zeros(v.shape[1], dtype=v.dtype)
+    mean = torch.zeros(v.shape[1], dtype=v.dtype)
+    for j0 in range(0, n, block_size):
+        block = slice(j0, min(j0 + block_size, n))
+        mean += dropped_p[block].sum() / total * v[block].mean(dim=0)
+    return mean
+
+
 def topt_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,7 +106,7 @@ def topt_attention_reference(
         w = kept_weights(scores[None], keep, theta[h : h + 1], rule)[0]  # [n]
         o = w @ vf[:, g, :]
         if rule.vmc and not rule.dense:
-            o = o + (1.0 - w.sum()) * vf[:, g, :].mean(dim=0)
+            o = o + (1.0 - w.sum()) * compensation_mean(scores, keep[0], vf[:, g, :], rule, block_size)
         out[h] = o
         keep_all[h] = keep[0]
 

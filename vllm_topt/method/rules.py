@@ -40,6 +40,17 @@ class Sdc(_Coded):
     EXP_THRESHOLD = "exp-threshold"
 
 
+class VmcScope(_Coded):
+    """Over what V-mean compensation spreads the dropped mass (SPEC §4).
+
+    "sequence": the whole dropped mass times mean(V) of the row (the paper's VMC).
+    "block": each V block's own dropped mass times that block's mean(V).
+    """
+
+    SEQUENCE = "sequence"
+    BLOCK = "block"
+
+
 @dataclass(frozen=True)
 class ToptRule:
     """What one layer does with a decode row (from the threshold file)."""
@@ -49,20 +60,28 @@ class ToptRule:
     vmc: bool = True
     k: int = 64
     dense: bool = False  # dense layer, or sparsity disabled
+    vmc_scope: VmcScope = VmcScope.SEQUENCE
 
     def __post_init__(self) -> None:
         # Accept the file's strings; keep the enums (and so their codes) inside.
         object.__setattr__(self, "placement", Placement(self.placement))
         object.__setattr__(self, "sdc", Sdc(self.sdc))
+        object.__setattr__(self, "vmc_scope", VmcScope(self.vmc_scope))
+
+    @property
+    def block_vmc(self) -> bool:
+        """VMC per V block (SPEC §4), on a thresholded layer."""
+        return self.vmc and not self.dense and self.vmc_scope is VmcScope.BLOCK
 
 
 def layer_rules(num_layers: int, placement: str, sdc: str, vmc: bool, k: int, layer_k: dict[int, int],
-                dense_layers, disable_sparsity: bool = False) -> list[ToptRule]:
+                dense_layers, disable_sparsity: bool = False,
+                vmc_scope: str = VmcScope.SEQUENCE) -> list[ToptRule]:
     """Every layer's rule from a file's (or the calibration CLI's) settings; the one place they combine."""
     dense = set(dense_layers)
     return [
         ToptRule(placement=placement, sdc=sdc, vmc=vmc, k=layer_k.get(layer, k),
-                 dense=disable_sparsity or layer in dense)
+                 dense=disable_sparsity or layer in dense, vmc_scope=vmc_scope)
         for layer in range(num_layers)
     ]
 

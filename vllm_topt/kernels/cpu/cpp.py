@@ -4,7 +4,7 @@ The source registers typed torch ops (`torch.ops.vllm_topt.topt_decode`,
 `...update_v_block_sums`) with a schema: named arguments, named results. It is
 built on first use (about a minute) into torch's extension cache, or ahead of
 time with `python -m vllm_topt.kernels.cpu.cpp` (`make setup` does this). The
-placement and SDC codes are compiled in from `vllm_topt.method.rules`, so the
+placement, SDC and VMC-scope codes are compiled in from `vllm_topt.method.rules`, so the
 C++ and Python enums cannot disagree. Same contract as
 `torch_decode.topt_decode_paged`; both are tested against the reference.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, density_counts_from_totals
-from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
 EXTENSION_NAME = "vllm_topt_cpu"
@@ -29,7 +29,7 @@ MAX_BLOCK_SIZE = 256
 def code_defines() -> list[str]:
     """-D flags that give the C++ source the Python codes and limits."""
     return ([f"-DTOPT_PLACEMENT_{p.name}={p.code}" for p in Placement] + [f"-DTOPT_SDC_{s.name}={s.code}" for s in Sdc]
-            + [f"-DTOPT_MAX_BLOCK_SIZE={MAX_BLOCK_SIZE}"])
+            + [f"-DTOPT_VMC_SCOPE_{v.name}={v.code}" for v in VmcScope] + [f"-DTOPT_MAX_BLOCK_SIZE={MAX_BLOCK_SIZE}"])
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,7 +90,7 @@ def topt_decode_paged_cpp(
     totals = decode_totals_type()(*load_extension().topt_decode.default(
         out, query, key_cache, value_cache, _int32(block_table), _int32(seq_lens), theta if sparse else None,
         by_length, v_block_sums if (sparse and rule.vmc) else None, rule.k, rule.placement.code, rule.sdc.code,
-        rule.vmc, float(scale), float(logits_soft_cap or 0.0),
+        rule.vmc, rule.vmc_scope.code, float(scale), float(logits_soft_cap or 0.0),
     ))
     counts = density_counts_from_totals(
         B, totals.keys, totals.blocks, totals.thresholded_seqs, H, key_cache.shape[1], rule.k,

@@ -4,7 +4,8 @@ K is read in full (gathered per sequence, as every score is needed); V is read
 only for the (sequence, KV head, block) triples where at least one query head
 of the group keeps at least one row (SPEC §5). VMC takes the mean of V from
 per-block V sums kept beside the cache (`update_v_block_sums`), so it never
-reads V rows that were dropped.
+reads V rows that were dropped; block-wise VMC weights each block's mean by
+the mass it dropped.
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ def topt_decode_paged(
     if sparse and rule.vmc:
         if v_block_sums is None:
             raise ValueError("VMC needs per-block V sums (v_block_sums)")
-        out += (1.0 - weights.sum(dim=-1, keepdim=True)) * _v_mean(v_block_sums, table, seq_lens, bs)[:, :, None]
+        rest = 1.0 - weights.sum(dim=-1, keepdim=True)
+        if rule.block_vmc:
+            dropped = e.masked_fill(keep, 0.0).view(B, H_kv, G, nb, bs).sum(dim=-1)  # d_b, up to 1 / S
+            out += rest * _block_v_mean(dropped, v_block_sums, table, seq_lens, bs)
+        else:
+            out += rest * _v_mean(v_block_sums, table, seq_lens, bs)[:, :, None]
     counts = _density_counts(keep, rows_needed, blocks_needed, seq_lens, short, sparse, rule.k, H, bs)
     return out.reshape(B, H, d).to(query.dtype), counts
 
@@ -143,6 +149,18 @@ def _v_mean(v_block_sums, table, seq_lens, bs) -> torch.Tensor:
     used = (torch.arange(nb) * bs < seq_lens[:, None]).float()  # [B, nb]
     sums = (v_block_sums[table] * used[:, :, None, None]).sum(dim=1)  # [B, H_kv, d]
     return sums / seq_lens[:, None, None].float()
+
+
+def _block_v_mean(dropped, v_block_sums, table, seq_lens, bs) -> torch.Tensor:
+    """Block-wise VMC's mean (SPEC §4): Σ_b d_b · mean(V of b) / Σ_b d_b, [B, H_kv, G, d].
+
+    dropped: [B, H_kv, G, nb], each block's dropped mass (any common scale).
+    """
+    nb = table.shape[1]
+    rows = (seq_lens[:, None] - torch.arange(nb) * bs).clamp(min=1, max=bs).float()  # [B, nb]
+    means = v_block_sums[table] / rows[:, :, None, None]  # [B, nb, H_kv, d]
+    share = dropped / dropped.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(dropped.dtype).tiny)
+    return torch.matmul(share, means.transpose(1, 2))  # [B, H_kv, G, d]
 
 
 def _density_counts(keep, rows_needed, blocks_needed, seq_lens, short, sparse, k, H, bs) -> DensityCounts:

@@ -10,7 +10,9 @@
 //      keep decision is one compare and exp() runs only in blocks that are read;
 //   B. values: per V block, the rows kept by any head of the group (GQA union)
 //      are read, row by row (a dropped row costs no memory traffic on a CPU);
-//      VMC adds the chunk's per-block V sums;
+//      VMC adds the chunk's per-block V sums (block-wise VMC: each block's sum
+//      weighted by the mass its dropped rows carried, from phase A's per-block
+//      log-sum-exp where no row of the block was read);
 //   C. per head: sum the chunks, apply the SPEC §4 denominator and VMC.
 // Semantics: vllm_topt/method/reference.py (SPEC §2-5). Registered as the torch
 // op torch.ops.vllm_topt.topt_decode (schema at the end of this file).
@@ -43,11 +45,13 @@ namespace {
 // The codes are vllm_topt.method.rules' enums, passed by the build
 // (vllm_topt/kernels/cpu/cpp.py) as -D flags: one definition, in Python.
 #if !defined(TOPT_PLACEMENT_POST_SOFTMAX) || !defined(TOPT_PLACEMENT_PRE_SOFTMAX) || !defined(TOPT_SDC_NONE) || \
-    !defined(TOPT_SDC_EXACT) || !defined(TOPT_SDC_EXP_THRESHOLD) || !defined(TOPT_MAX_BLOCK_SIZE)
+    !defined(TOPT_SDC_EXACT) || !defined(TOPT_SDC_EXP_THRESHOLD) || !defined(TOPT_MAX_BLOCK_SIZE) ||         \
+    !defined(TOPT_VMC_SCOPE_SEQUENCE) || !defined(TOPT_VMC_SCOPE_BLOCK)
 #error "build through vllm_topt.kernels.cpu.cpp, which passes the placement and SDC codes"
 #endif
 enum Placement : int64_t { kPostSoftmax = TOPT_PLACEMENT_POST_SOFTMAX, kPreSoftmax = TOPT_PLACEMENT_PRE_SOFTMAX };
 enum Sdc : int64_t { kSdcNone = TOPT_SDC_NONE, kSdcExact = TOPT_SDC_EXACT, kSdcExpThreshold = TOPT_SDC_EXP_THRESHOLD };
+enum VmcScope : int64_t { kVmcSequence = TOPT_VMC_SCOPE_SEQUENCE, kVmcBlock = TOPT_VMC_SCOPE_BLOCK };
 
 // Counts per (sequence, KV head): kept elements, V rows read, V blocks read,
 // kept elements in thresholded rows.
@@ -141,32 +145,40 @@ inline float exp_sum(const float* s, int64_t n, float m) {
   return sum;
 }
 
-// w[t] = s[t] > bound ? exp(s[t] - m) : 0 for t < n; returns (kept count, Σ w).
-inline std::pair<int64_t, float> kept_weights(const float* s, float* w, int64_t n, float bound, float m) {
+struct KeptWeights {
+  int64_t kept;
+  float kept_sum, dropped_sum;  // Σ exp(s - m) over the kept and over the dropped elements
+};
+
+// w[t] = s[t] > bound ? exp(s[t] - m) : 0 for t < n.
+inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound, float m) {
   int64_t kept = 0;
-  float sum = 0.f;
+  float sum = 0.f, dropped = 0.f;
   int64_t t = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 mv = _mm256_set1_ps(m), bv = _mm256_set1_ps(bound);
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps(), acc_dropped = _mm256_setzero_ps();
   for (; t + 8 <= n; t += 8) {
     const __m256 x = _mm256_loadu_ps(s + t);
     const __m256 keep = _mm256_cmp_ps(x, bv, _CMP_GT_OQ);
-    const __m256 e = _mm256_and_ps(keep, exp8_nonpositive(_mm256_sub_ps(x, mv)));
+    const __m256 all = exp8_nonpositive(_mm256_sub_ps(x, mv));
+    const __m256 e = _mm256_and_ps(keep, all);
     _mm256_storeu_ps(w + t, e);
     acc = _mm256_add_ps(acc, e);
+    acc_dropped = _mm256_add_ps(acc_dropped, _mm256_andnot_ps(keep, all));
     kept += __builtin_popcount(_mm256_movemask_ps(keep));
   }
   sum = hsum8(acc);
+  dropped = hsum8(acc_dropped);
 #endif
   for (; t < n; ++t) {
     const bool keep = s[t] > bound;
-    const float e = keep ? exp_nonpositive(s[t] - m) : 0.f;
-    w[t] = e;
+    const float e = exp_nonpositive(s[t] - m);
+    w[t] = keep ? e : 0.f;
     kept += keep;
-    sum += e;
+    (keep ? sum : dropped) += e;
   }
-  return {kept, sum};
+  return {kept, sum, dropped};
 }
 
 // Scores of G query heads against one K block stored [d][BS]. Heads go in
@@ -263,9 +275,11 @@ struct Problem {
   int64_t B, H, Hkv, G, d, bs;
   int64_t placement, sdc;
   bool vmc;
+  int64_t vmc_scope;
   float scale, soft_cap;
   // Scratch and outputs.
   float* scores;  // per (b, h): [G][nb * bs] at score_offset(b, h)
+  float* block_lse;  // block-wise VMC: per (b, h): [G][nb], ln Σ_{t in block} exp(s_t); else null
   const int64_t* seq_block_offset;  // [B + 1]: prefix sums of blocks per sequence
   float* out;  // [B, H, d]
   int64_t* counts;  // [B, H_kv, kNumCounts]
@@ -275,7 +289,12 @@ struct Problem {
     const int64_t nbbs = num_blocks(b) * bs;
     return scores + (seq_block_offset[b] * bs * Hkv + h * nbbs) * G + g * nbbs;
   }
+  float* lse_row(int64_t b, int64_t h, int64_t g) const {
+    const int64_t nb = num_blocks(b);
+    return block_lse + (seq_block_offset[b] * Hkv + h * nb) * G + g * nb;
+  }
   bool thresholded(int64_t b) const { return sparse[b]; }
+  bool block_vmc(int64_t b) const { return vmc && vmc_scope == kVmcBlock && sparse[b]; }
   float threshold(int64_t b, int64_t head) const {
     return theta[(theta_by_length ? seq_lens[b] : b) * H + head];
   }
@@ -289,6 +308,7 @@ struct Task {
 struct Partial {
   float max, exp_sum;  // phase A
   float kept_exp_sum;  // phase B: Σ exp(s - M) over kept elements
+  float dropped_exp_sum;  // phase B, block-wise VMC: Σ exp(s - M) over dropped elements
   int64_t kept;
 };
 
@@ -328,7 +348,13 @@ void score_chunk(const Problem<T>& P, const Task& task, Partial* part) {
         sum = mx == kNegInf ? 0.f : sum * std::exp(mx - bmax);
         mx = bmax;
       }
-      sum += exp_sum(sg, rows, mx);
+      if (P.block_vmc(task.b)) {
+        const float block_sum = exp_sum(sg, rows, bmax);
+        P.lse_row(task.b, task.h, g)[blk] = bmax + std::log(block_sum);
+        sum += block_sum * std::exp(bmax - mx);
+      } else {
+        sum += exp_sum(sg, rows, mx);
+      }
     }
   }
 }
@@ -397,7 +423,8 @@ void accumulate_rows(const T* vb, const int32_t* rows, int64_t num_rows, const f
 
 // Phase B: Σ_j exp(s_j - M) v_j over the kept elements of one chunk, reading
 // only V rows kept by some head of the group. o: [G][d] partial output;
-// mean_sum: [d] Σ of the chunk's block V sums (VMC).
+// mean_sum: VMC's V sums, [d] Σ of the chunk's block V sums (sequence scope) or
+// [G][d] Σ_b (dropped exp-sum of block b) · mean(V of b) per head (block scope).
 template <typename T>
 void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, Partial* part, float* o,
                  float* mean_sum, int64_t* rows_read, int64_t* blocks_read) {
@@ -405,13 +432,16 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
   const int32_t* table = P.block_table + task.b * P.table_stride;
   const float* s0 = P.score_row(task.b, task.h, 0);
   const int64_t stride = P.num_blocks(task.b) * bs;
+  const bool block_vmc = P.block_vmc(task.b);
   std::fill(o, o + G * d, 0.f);
-  for (int64_t g = 0; g < G; ++g) part[g].kept_exp_sum = 0.f, part[g].kept = 0;
+  for (int64_t g = 0; g < G; ++g) part[g].kept_exp_sum = 0.f, part[g].dropped_exp_sum = 0.f, part[g].kept = 0;
   uint8_t need[kMaxBlockSize];
   int32_t row_ids[kMaxBlockSize];
   std::vector<float> weights(G * bs);
+  // Block-wise VMC: per head, each block's dropped Σ exp(s - M), [G][chunk blocks].
+  std::vector<float> dropped(block_vmc ? G * (task.blk_end - task.blk_begin) : 0);
   for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
-    const int64_t j0 = blk * bs, rows = std::min(bs, n - j0);
+    const int64_t j0 = blk * bs, rows = std::min(bs, n - j0), i = blk - task.blk_begin;
     std::fill(need, need + rows, 0);
     for (int64_t g = 0; g < G; ++g) {
       const float* sg = s0 + g * stride + j0;
@@ -420,21 +450,40 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
     }
     int64_t needed = 0;
     for (int64_t t = 0; t < rows; ++t) needed += need[t];
-    if (needed == 0) continue;  // the whole V page stays unread
+    if (needed == 0) {  // the whole V page stays unread; every head dropped all of its mass
+      for (int64_t g = 0; block_vmc && g < G; ++g)
+        dropped[g * (task.blk_end - task.blk_begin) + i] = std::exp(P.lse_row(task.b, task.h, g)[blk] - heads[g].max);
+      continue;
+    }
     *rows_read += needed;
     *blocks_read += 1;
     for (int64_t g = 0; g < G; ++g) {
       const float* sg = s0 + g * stride + j0;
-      const auto [kept, kept_sum] = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
-      part[g].kept += kept;
-      part[g].kept_exp_sum += kept_sum;
+      const KeptWeights kw = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
+      part[g].kept += kw.kept;
+      part[g].kept_exp_sum += kw.kept_sum;
+      if (block_vmc) dropped[g * (task.blk_end - task.blk_begin) + i] = kw.dropped_sum;
     }
     const T* vb = P.value_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
     int64_t num_rows = 0;
     for (int64_t t = 0; t < rows; ++t) row_ids[num_rows] = static_cast<int32_t>(t), num_rows += need[t];
     accumulate_rows(vb, row_ids, num_rows, weights.data(), bs, o, G, d);
   }
-  if (P.vmc && P.thresholded(task.b)) {
+  if (block_vmc) {
+    std::fill(mean_sum, mean_sum + G * d, 0.f);
+    for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
+      const float* sb = P.v_block_sums + table[blk] * P.sums_block_stride + task.h * d;
+      const float inv_rows = 1.f / static_cast<float>(std::min(bs, n - blk * bs));
+      for (int64_t g = 0; g < G; ++g) {
+        const float x = dropped[g * (task.blk_end - task.blk_begin) + blk - task.blk_begin];
+        part[g].dropped_exp_sum += x;
+        const float w = x * inv_rows;
+        float* mg = mean_sum + g * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) mg[c] += w * sb[c];
+      }
+    }
+  } else if (P.vmc && P.thresholded(task.b)) {
     std::fill(mean_sum, mean_sum + d, 0.f);
     for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
       const float* sb = P.v_block_sums + table[blk] * P.sums_block_stride + task.h * d;
@@ -463,6 +512,22 @@ std::vector<Task> make_tasks(const int64_t* seq_block_offset, int64_t B, int64_t
   return tasks;
 }
 
+// Block-wise VMC's mean for head g: Σ_b d_b mean_b / Σ_b d_b (SPEC §4) over the
+// chunks' [G][d] sums and dropped exp-sums; zero when nothing was dropped.
+inline void block_mean(const float* partial_mean, const Partial* parts, int64_t t0, int64_t t1, int64_t g,
+                       int64_t G, int64_t d, float* mean) {
+  float dropped = 0.f;
+  std::fill(mean, mean + d, 0.f);
+  for (int64_t i = t0; i < t1; ++i) {
+    dropped += parts[i * G + g].dropped_exp_sum;
+    const float* pm = partial_mean + (i * G + g) * d;
+    for (int64_t c = 0; c < d; ++c) mean[c] += pm[c];
+  }
+  if (dropped <= 0.f) return std::fill(mean, mean + d, 0.f);
+  const float inv = 1.f / dropped;
+  for (int64_t c = 0; c < d; ++c) mean[c] *= inv;
+}
+
 // Phase C for one (sequence, KV head): sum the chunks, normalise (SPEC §4), VMC, counts.
 template <typename T>
 void finish_group(const Problem<T>& P, int64_t bh, int64_t t0, int64_t t1, const HeadState* heads,
@@ -472,10 +537,11 @@ void finish_group(const Problem<T>& P, int64_t bh, int64_t t0, int64_t t1, const
   const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
   const int64_t n = P.seq_lens[b];
   const bool thresholded = P.thresholded(b);
+  const bool block_vmc = P.block_vmc(b);
   std::vector<float> acc(d), mean(d, 0.f);
   int64_t kept_all = 0, rows = 0, blocks = 0;
   for (int64_t i = t0; i < t1; ++i) rows += rows_read[i], blocks += blocks_read[i];
-  if (P.vmc && thresholded) {
+  if (P.vmc && thresholded && !block_vmc) {
     for (int64_t i = t0; i < t1; ++i)
       for (int64_t c = 0; c < d; ++c) mean[c] += partial_mean[i * d + c];
     for (int64_t c = 0; c < d; ++c) mean[c] /= static_cast<float>(n);
@@ -502,6 +568,7 @@ void finish_group(const Problem<T>& P, int64_t bh, int64_t t0, int64_t t1, const
     const float inv = 1.f / denom;
     float* og = P.out + (b * P.H + h * G + g) * d;
     const float rest = (P.vmc && thresholded) ? 1.f - kept_exp * inv : 0.f;
+    if (block_vmc) block_mean(partial_mean, parts, t0, t1, g, G, d, mean.data());
     for (int64_t c = 0; c < d; ++c) og[c] = acc[c] * inv + rest * mean[c];
     kept_all += kept;
   }
@@ -527,7 +594,8 @@ void run(Problem<T>& P) {
   const int64_t num_tasks = static_cast<int64_t>(tasks.size()), G = P.G, d = P.d, BH = P.B * P.Hkv;
   std::vector<Partial> parts(num_tasks * G);
   std::vector<HeadState> heads(BH * G);
-  std::vector<float> partial_out(num_tasks * G * d), partial_mean(P.vmc ? num_tasks * d : 0);
+  const int64_t mean_width = P.vmc_scope == kVmcBlock ? G * d : d;  // see value_chunk's mean_sum
+  std::vector<float> partial_out(num_tasks * G * d), partial_mean(P.vmc ? num_tasks * mean_width : 0);
   std::vector<int64_t> rows_read(num_tasks, 0), blocks_read(num_tasks, 0);
   std::unique_ptr<std::atomic<int64_t>[]> scores_left(new std::atomic<int64_t>[BH]);
   std::unique_ptr<std::atomic<int64_t>[]> values_left(new std::atomic<int64_t>[BH]);
@@ -565,13 +633,14 @@ void run(Problem<T>& P) {
       const int64_t bh = task.b * P.Hkv + task.h;
       while (!combined[bh].load(std::memory_order_acquire)) sched_yield();
       value_chunk(P, task, &heads[bh * G], &parts[i * G], &partial_out[i * G * d],
-                  P.vmc ? &partial_mean[i * d] : nullptr, &rows_read[i], &blocks_read[i]);
+                  P.vmc ? &partial_mean[i * mean_width] : nullptr, &rows_read[i], &blocks_read[i]);
       if (values_left[bh].fetch_sub(1, std::memory_order_acq_rel) == 1) finish(bh);
     }
   }
 }
 
-// Scores of every sequence, reused across calls (no page faults per layer).
+// Scores of every sequence (and block-wise VMC's per-block log-sum-exp),
+// reused across calls (no page faults per layer).
 float* score_scratch(int64_t floats) {
   thread_local std::vector<float> scratch;
   if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(floats);
@@ -592,8 +661,9 @@ Totals topt_decode(
     const torch::Tensor& value_cache, const torch::Tensor& block_table, const torch::Tensor& seq_lens,
     const std::optional<torch::Tensor>& theta_in, bool theta_by_length,
     const std::optional<torch::Tensor>& v_block_sums_in, int64_t k, int64_t placement, int64_t sdc, bool vmc,
-    double scale, double soft_cap) {
+    int64_t vmc_scope, double scale, double soft_cap) {
   TORCH_CHECK(placement == kPostSoftmax || placement == kPreSoftmax, "unknown placement code ", placement);
+  TORCH_CHECK(vmc_scope == kVmcSequence || vmc_scope == kVmcBlock, "unknown VMC scope code ", vmc_scope);
   TORCH_CHECK(sdc == kSdcNone || sdc == kSdcExact || sdc == kSdcExpThreshold, "unknown SDC code ", sdc);
   const bool has_theta = theta_in.has_value() && theta_in->numel() > 0;
   const bool has_sums = v_block_sums_in.has_value() && v_block_sums_in->numel() > 0;
@@ -647,9 +717,13 @@ Totals topt_decode(
     P.placement = placement;
     P.sdc = sdc;
     P.vmc = vmc && P.v_block_sums != nullptr;
+    P.vmc_scope = vmc_scope;
     P.scale = static_cast<float>(scale);
     P.soft_cap = static_cast<float>(soft_cap);
-    P.scores = score_scratch(block_offsets[B] * bs * H);
+    const int64_t score_floats = block_offsets[B] * bs * H;
+    const bool block_vmc = P.vmc && vmc_scope == kVmcBlock;
+    P.scores = score_scratch(score_floats + (block_vmc ? block_offsets[B] * H : 0));
+    P.block_lse = block_vmc ? P.scores + score_floats : nullptr;
     P.seq_block_offset = block_offsets.data();
     P.out = out.data_ptr<float>();
     P.counts = counts.data();
@@ -694,7 +768,7 @@ TORCH_LIBRARY(vllm_topt, m) {
   m.def(
       "topt_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
       "Tensor seq_lens, Tensor? theta, bool theta_by_length, Tensor? v_block_sums, int k, int placement, int sdc, "
-      "bool vmc, float scale, float soft_cap) -> (int elements_kept, int v_rows_read, int v_blocks_read, "
+      "bool vmc, int vmc_scope, float scale, float soft_cap) -> (int elements_kept, int v_rows_read, int v_blocks_read, "
       "int thresholded_kept, int keys, int blocks, int thresholded_seqs)");
   m.impl("topt_decode", torch::kCPU, &topt_decode);
   m.def("update_v_block_sums(Tensor(a!) v_block_sums, Tensor value, Tensor slot_mapping, int block_size) -> ()");
