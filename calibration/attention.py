@@ -11,6 +11,10 @@ RoPE already applied by the model), then, depending on the session's mode:
   elements per row (the held-out check);
 - "topk": keeps exactly the k largest elements of every row with n > k (the
   paper's top-k baseline), with the same placement domain and compensation;
+- "profile": plain attention for the model, and for every thresholded layer and
+  every candidate k in `profile_ks`, the squared error of that layer's top-k
+  output (with the rule's compensation) against the dense output
+  (`profile_error`, over `profile_norm`): what per-layer budgets allocate from;
 - "dense": plain attention.
 
 In "apply" and "topk" modes the session also accumulates SPEC §7 density
@@ -58,6 +62,10 @@ class CalibrationSession:
     device: str = "cpu"  # where the statistics accumulate (the model's device)
     counts: DensityCounts = field(init=False)
     counts_by_layer: list[DensityCounts] = field(init=False)
+    # "profile" mode: Σ ||o_topk - o||² per (layer, candidate k), and Σ ||o||² per layer.
+    profile_ks: tuple[int, ...] = ()
+    profile_error: torch.Tensor = field(init=False)
+    profile_norm: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         shape = (self.num_layers, self.num_heads, self.max_len)
@@ -68,6 +76,8 @@ class CalibrationSession:
         self.rows_by_layer = torch.zeros(self.num_layers, dtype=torch.float64)
         self.counts = DensityCounts()
         self.counts_by_layer = [DensityCounts() for _ in range(self.num_layers)]
+        self.profile_error = torch.zeros(self.num_layers, len(self.profile_ks), dtype=torch.float64)
+        self.profile_norm = torch.zeros(self.num_layers, dtype=torch.float64)
 
 
 _session: CalibrationSession | None = None
@@ -132,7 +142,11 @@ def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_he
     p = torch.softmax(scores, dim=-1)
     shape = (B, H, num_kv_heads, n)
 
-    if session.mode == "dense" or rule.dense:
+    if session.mode == "profile" and not rule.dense:
+        dense_out = p @ v_all
+        _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, dense_out)
+        return dense_out
+    if session.mode in ("dense", "profile") or rule.dense:
         keep, weights = None, p
         if session.mode in ("apply", "topk"):
             _count_density(session, layer, None, rule, shape, window)
@@ -152,18 +166,40 @@ def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_he
             _count_density(session, layer, keep, rule, shape)
         if keep is None:
             weights = p
-        elif rule.placement == "post-softmax":
-            weights = p.masked_fill(~keep, 0.0)  # kept elements keep their dense p
         else:
-            weights = kept_weights(scores, keep & causal, theta, rule)
+            return _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, session.block_size)
+    return weights @ v_all
+
+
+def _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, block_size):
+    """SPEC §4: the kept elements' weighted V, plus VMC's dropped mass times its mean."""
+    if rule.placement == "post-softmax":
+        weights = p.masked_fill(~keep, 0.0)  # kept elements keep their dense p
+    else:
+        weights = kept_weights(scores, keep & causal, theta, rule)
     out = weights @ v_all
-    if rule.vmc and keep is not None:
+    if rule.vmc:
         rest = 1.0 - weights.sum(dim=-1, keepdim=True)
         if rule.block_vmc:
-            out = out + rest * _block_means(p.masked_fill(keep, 0.0), v_all, v_prefix, n, session.block_size)
+            out = out + rest * _block_means(p.masked_fill(keep, 0.0), v_all, v_prefix, n, block_size)
         else:
-            out = out + rest * v_prefix[:, :, n - 1] / n.to(q.device, q.dtype)[:, None]
+            out = out + rest * v_prefix[:, :, n - 1] / n.to(out.device, out.dtype)[:, None]
     return out
+
+
+def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, dense_out) -> None:
+    """Squared error of each candidate k's top-k output against the dense one (rows with n > k)."""
+    domain = p if rule.placement == "post-softmax" else scores
+    session.profile_norm[layer] += float(dense_out.double().pow(2).sum())
+    top = min(max(session.profile_ks) + 1, domain.shape[-1])
+    values, index = torch.topk(domain, top, dim=-1)  # one sort serves every candidate
+    for i, k in enumerate(session.profile_ks):
+        short = (n <= k).to(p.device)
+        if bool(short.all()):
+            continue  # every row has n <= k: nothing dropped, no error
+        keep, theta = _topk_keep(domain, k, causal, short, (values, index))
+        out = _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, session.block_size)
+        session.profile_error[layer, i] += float((out - dense_out).double().pow(2).sum())
 
 
 def _block_means(dropped_p, v_all, v_prefix, n, block_size):
@@ -213,15 +249,16 @@ def _collect_and_cut(session, layer, rule, domain, n, short):
     return keep, kth1
 
 
-def _topk_keep(domain, k, causal, short):
+def _topk_keep(domain, k, causal, short, top=None):
     """Exactly the k largest elements of every row with n > k; rows with n <= k dense.
 
     Returns the keep mask (None when every row is short) and the (k+1)-th
     largest value per row, which stands in for θ in SDC "exp-threshold".
+    `top`: (values, index) of a descending topk of at least k + 1, to reuse.
     """
     if bool(short.all()):
         return None, domain.amax(dim=-1)
-    values, index = torch.topk(domain, k + 1, dim=-1)
+    values, index = torch.topk(domain, k + 1, dim=-1) if top is None else top
     keep = torch.zeros(domain.shape, dtype=torch.bool, device=domain.device).scatter_(-1, index[..., :k], True)
     keep &= causal  # only if a visible element underflowed to p = 0 could top-k pick a masked one
     keep[:, :, short] = causal[short]  # n <= k rows stay dense

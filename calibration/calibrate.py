@@ -45,7 +45,9 @@ from vllm_topt import __version__
 from vllm_topt.calibration.attention import ATTN_IMPL_NAME, CalibrationSession, register_attention, set_session
 from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
-from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, layer_rules
+from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
+from vllm_topt.calibration.budget import DEFAULT_CANDIDATES, Allocation, allocate, relative_errors
+from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
 from vllm_topt.config.support import (
     UnsupportedModelError,
     check_model_supported,
@@ -102,6 +104,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sdc", choices=[s.value for s in Sdc], default=None,
                    help="softmax denominator compensation (pre-softmax only; default exact there)")
     p.add_argument("--no-vmc", action="store_true", help="disable V-mean compensation")
+    p.add_argument("--vmc-scope", choices=[v.value for v in VmcScope], default=VmcScope.SEQUENCE.value,
+                   help="VMC over the whole sequence (the paper's) or per V block (SPEC §4; default sequence)")
+    p.add_argument("--block-size", type=int, default=CPU_DEFAULT_BLOCK_SIZE,
+                   help="the serving KV page size: block-wise VMC's blocks and the held-out V-block density "
+                        f"(default {CPU_DEFAULT_BLOCK_SIZE}, TOPT's CPU page; vLLM on CUDA uses 16)")
+    p.add_argument("--budget-k", type=int, default=None, metavar="MEAN_K",
+                   help="allocate k per layer from calibration data, at this mean k over the thresholded layers "
+                        "(instead of one --k; see calibration/budget.py)")
+    p.add_argument("--budget-candidates", type=parse_layers, default=list(DEFAULT_CANDIDATES), metavar="K,...",
+                   help=f"the k a layer may get (default {','.join(map(str, DEFAULT_CANDIDATES))})")
+    p.add_argument("--budget-seqs", type=int, default=8, help="calibration sequences the allocation profiles")
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
                    help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
     p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
@@ -123,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sdc is None:
         args.sdc = "exact" if args.placement == "pre-softmax" else "none"
+    if args.budget_k is not None:
+        args.k = args.budget_k  # the file's target_k; the layers get their own
     return args
 
 
@@ -153,6 +168,7 @@ def check_model_args(args, config) -> tuple[list[ToptRule], dict[int, str]]:
         bad = [layer for layer in layers if not 0 <= layer < L]
         if bad:
             raise CalibrationError(f"{flag}: layer {bad[0]} does not exist; the model has layers 0..{L - 1}")
+    check_budget_args(args)
     both = sorted(set(args.layer_k) & set(args.dense_layers))
     if both:
         raise CalibrationError(f"layer {both[0]} is in both --layer-k and --dense-layers; give it one of them")
@@ -176,6 +192,27 @@ def check_model_args(args, config) -> tuple[list[ToptRule], dict[int, str]]:
                                f"k (calibration samples rows with n > k); raise --seq-len to {rule.k + 2} or more, "
                                "or lower k")
     return rules, reasons
+
+
+def check_budget_args(args) -> None:
+    if args.block_size < 1:
+        raise CalibrationError(f"--block-size {args.block_size}: must be at least 1")
+    if args.budget_k is None:
+        return
+    if args.layer_k:
+        raise CalibrationError("--budget-k allocates every layer's k; drop --layer-k (or drop --budget-k)")
+    candidates = sorted(set(args.budget_candidates))
+    if not candidates or candidates[0] < 1:
+        raise CalibrationError(f"--budget-candidates {args.budget_candidates}: give k values of at least 1")
+    if not candidates[0] <= args.budget_k <= candidates[-1]:
+        raise CalibrationError(f"--budget-k {args.budget_k} is outside --budget-candidates {candidates[0]} .. "
+                               f"{candidates[-1]}; pick a mean k in that range")
+    if candidates[-1] + 1 >= args.seq_len:
+        raise CalibrationError(f"--budget-candidates {candidates[-1]}: --seq-len {args.seq_len} leaves too few rows "
+                               f"longer than it; raise --seq-len to {candidates[-1] + 2} or more, or drop it")
+    if not 1 <= args.budget_seqs <= args.num_seqs:
+        raise CalibrationError(f"--budget-seqs {args.budget_seqs}: must be between 1 and --num-seqs {args.num_seqs}")
+    args.budget_candidates = candidates
 
 
 DENSE_BY_FLAG = "--dense-layers"
@@ -225,7 +262,8 @@ def check_output(out: str) -> Path:
 
 def args_layer_rules(args, num_layers: int, dense_reasons: dict[int, str]) -> list[ToptRule]:
     """The rules the file will hold, before it exists (the same function builds them from a file)."""
-    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k, args.layer_k, dense_reasons)
+    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k, args.layer_k, dense_reasons,
+                       vmc_scope=args.vmc_scope)
 
 
 # ------------------------------------------------------------------ plan
@@ -286,7 +324,10 @@ def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
         "model fingerprint": ModelIdentity.from_hf_config(config, name="").fingerprint,
         "--data": corpus.sha256 or corpus.source,
         "--k": args.k, "--layer-k": sorted(args.layer_k.items()), "--dense-layers": sorted(args.dense_layers),
-        "--placement": args.placement, "--sdc": args.sdc, "--no-vmc": args.no_vmc,
+        "--placement": args.placement, "--sdc": args.sdc, "--no-vmc": args.no_vmc, "--vmc-scope": args.vmc_scope,
+        "--block-size": args.block_size, "--budget-k": args.budget_k,
+        "--budget-candidates": args.budget_candidates if args.budget_k else None,
+        "--budget-seqs": args.budget_seqs if args.budget_k else None,
         "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
         "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
     }
@@ -379,11 +420,30 @@ def calibrate(args, config, tokenizer, model) -> tuple[ThresholdFile, dict]:
     return run(plan, config, model)
 
 
+def allocate_budget(plan: Plan, model, num_heads: int) -> Allocation:
+    """Profile the first --budget-seqs calibration sequences densely; each thresholded layer's k."""
+    args = plan.args
+    session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, plan.rules, mode="profile",
+                                 device=plan.device, block_size=args.block_size,
+                                 profile_ks=tuple(args.budget_candidates))
+    run_sequences(model, plan.calibration[: args.budget_seqs], session, plan, "budget profile")
+    layers = [layer for layer, rule in enumerate(plan.rules) if not rule.dense]
+    errors = relative_errors(session.profile_error, session.profile_norm, layers, args.budget_candidates)
+    return allocate(errors, args.budget_k)
+
+
 def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
-    args, rules = plan.args, plan.rules
+    args = plan.args
     H = text_config(config).num_attention_heads
+    allocation = None
+    if args.budget_k is not None:
+        allocation = allocate_budget(plan, model, H)
+        args.layer_k = {layer: k for layer, k in allocation.layer_k.items() if k != args.k}
+        plan.rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons)
+    rules = plan.rules
     session = CalibrationSession(plan.num_layers, H, args.seq_len, rules, device=plan.device,
-                                 topk_during_calibration=not args.no_topk_during_calibration)
+                                 topk_during_calibration=not args.no_topk_during_calibration,
+                                 block_size=args.block_size)
     run_sequences(model, plan.calibration, session, plan, "calibrating")
     grids = layer_grids(rules, args.seq_len, args.grid_points)
     thresholds = aggregate(session, rules, grids, args.placement)
@@ -397,7 +457,7 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
         dense_layers=sorted(plan.dense_reasons),
         dense_layer_reasons=plan.dense_reasons,
         placement=args.placement,
-        compensation=Compensation(sdc=args.sdc, vmc=not args.no_vmc),
+        compensation=Compensation(sdc=args.sdc, vmc=not args.no_vmc, vmc_scope=args.vmc_scope),
         n_grid=main_grid,
         layer_n_grid={layer: g for layer, g in enumerate(grids) if g is not None and g != main_grid},
         thresholds=thresholds,
@@ -414,6 +474,8 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
             dtype=plan.dtype,
         ),
     )
+    if allocation is not None:
+        file.provenance.budget = allocation.provenance(args.budget_k, args.budget_seqs, args.seq_len)  # type: ignore[attr-defined]
     heldout = heldout_check(model, file, rules, plan)
     file.provenance.heldout = heldout  # type: ignore[attr-defined]
     return file, heldout
@@ -423,7 +485,7 @@ def heldout_check(model, file: ThresholdFile, rules, plan: Plan) -> dict:
     """Apply the thresholds to held-out text as serving does; kept/k per row and the densities."""
     tables = [file.layer_thresholds(layer) for layer in range(len(rules))]
     session = CalibrationSession(len(rules), file.model.num_heads, plan.args.seq_len, rules, mode="apply",
-                                 tables=tables, device=plan.device)
+                                 tables=tables, device=plan.device, block_size=plan.args.block_size)
     run_sequences(model, plan.heldout, session, plan, "held-out check")
     sparse = [layer for layer, r in enumerate(rules) if not r.dense]
     per_layer = {
@@ -475,8 +537,13 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
     print(f"  model        {file.model.name} ({file.model.num_layers} layers, {file.model.num_heads} q / "
           f"{file.model.num_kv_heads} kv heads, head {file.model.head_size}, {file.model.fingerprint})")
     layer_k = "".join(f", layer {layer}: k={k}" for layer, k in file.layer_k.items())
+    vmc = f"{file.compensation.vmc_scope} VMC" if file.compensation.vmc else "no VMC"
     print(f"  rule         k={file.target_k}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "
-          f"vmc={file.compensation.vmc}, dense: {describe_dense(plan.dense_reasons)}")
+          f"{vmc}, dense: {describe_dense(plan.dense_reasons)}")
+    budget = getattr(file.provenance, "budget", None)
+    if budget:
+        print(f"  budget       mean k {budget['mean_k']:.1f} (budget {budget['mean_k_budget']}), allocated from "
+              f"{budget['profile_sequences']} profiled sequences; see provenance.budget")
     print(f"  grid         {grids}; beyond: {file.extrapolation}")
     print(f"  data         {file.provenance.data}")
     print(f"  calibration  {file.provenance.num_sequences} sequences x {file.provenance.max_seq_len} tokens "
@@ -484,7 +551,7 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
     print(f"  held-out     {heldout['num_sequences']} sequences: mean kept {heldout['mean_kept_per_row']:.1f} per row, "
           f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f}); "
           f"elements {heldout['element_density']:.1%}, V rows {heldout['v_row_density']:.1%}, "
-          f"V blocks {heldout['v_block_density']:.1%} (32-token blocks)")
+          f"V blocks {heldout['v_block_density']:.1%} ({plan.args.block_size}-token blocks)")
     print(f"  time         {seconds / 60:.1f} min, {peak_memory()}")
 
 

@@ -23,6 +23,7 @@ CHECKPOINT_SUFFIX = ".checkpoint.pt"
 SESSION_TENSORS = {
     "collect": ("value_sum", "value_sq_sum", "value_count"),
     "apply": ("kept_by_layer", "rows_by_layer"),
+    "profile": ("profile_error", "profile_norm"),
 }
 
 

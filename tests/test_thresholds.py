@@ -67,6 +67,15 @@ def test_valid_file_loads(tmp_path):
     f = load_threshold_file(write(tmp_path, valid_file_dict()))
     assert f.k_for_layer(0) == 32 and f.k_for_layer(1) == 48
     check_matches_model(f, fake_hf_config(), "t.json")
+    # A file without vmc_scope (every file before block-wise VMC) compensates over the sequence.
+    assert [rule.vmc_scope for rule in f.layer_rules()] == ["sequence", "sequence"]
+
+
+def test_block_vmc_reaches_every_layer_rule(tmp_path):
+    d = valid_file_dict()
+    d["compensation"]["vmc_scope"] = "block"
+    rules = load_threshold_file(write(tmp_path, d)).layer_rules()
+    assert [(r.k, r.vmc_scope, r.block_vmc) for r in rules] == [(32, "block", True), (48, "block", True)]
 
 
 @pytest.mark.parametrize(
@@ -81,6 +90,7 @@ def test_valid_file_loads(tmp_path):
         (lambda d: d.update(n_grid=[64, 33, 128, 256]), "strictly increasing"),
         (lambda d: d.update(unknown_key=1), "unknown_key"),
         (lambda d: d["compensation"].update(sdc="exact"), "SDC applies to pre-softmax"),
+        (lambda d: d["compensation"].update(vmc_scope="page"), "vmc_scope"),
         (lambda d: d["thresholds"].__setitem__(1, None), "layer 1 has no thresholds but is not in dense_layers"),
         (lambda d: d.update(layer_n_grid={"1": [49, 256]}), "layer 1 head 0: 4 values for 2 grid points"),
         (lambda d: d.update(layer_n_grid={"1": [256, 49]}), "layer_n_grid[1] must hold at least 2 strictly"),

@@ -154,6 +154,57 @@ def test_matches_reference(rule, H, H_kv):
         assert total.v_blocks_read < total.v_blocks_visible  # and skipped whole V blocks
 
 
+def hot_page_batch(lengths, hot_pages, H, H_kv, d, bs, seed):
+    """Keys boosted toward their group's mean query in the `hot_pages` of each row (every other page is
+    dropped whole under a tight θ); each page's V shifted by its own offset (distinct page means)."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = random_sequences(lengths, H_kv, d, seed)
+    query = torch.randn(len(lengths), H, d, generator=gen)
+    for i, (n, hot) in enumerate(zip(lengths, hot_pages)):
+        direction = query[i].view(H_kv, H // H_kv, d).mean(dim=1)
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        page = torch.arange(n) // bs
+        boosted = torch.isin(page, torch.tensor(hot))
+        keys[i] += 10.0 * boosted[:, None, None] * direction
+        values[i] += 3.0 * torch.randn(page[-1] + 1, H_kv, d, generator=gen)[page]
+    return query, build_batch(keys, values, bs, seed=seed)
+
+
+def top_thresholds(query, keys, rule: ToptRule, scale: float, keep: int) -> torch.Tensor:
+    """θ per (row, head) halfway between the `keep`-th and the next largest value of the rule's domain."""
+    theta = torch.zeros(query.shape[:2])
+    for i, k in enumerate(keys):
+        G = query.shape[1] // k.shape[1]
+        s = scale * torch.einsum("hd,nhd->hn", query[i].float(), k.float().repeat_interleave(G, dim=1))
+        domain = torch.softmax(s, dim=-1) if rule.placement == "post-softmax" else s
+        theta[i] = domain.topk(keep + 1, dim=-1).values[:, -2:].mean(dim=-1)
+    return theta
+
+
+BLOCK_RULES = [r for r in RULES if r.block_vmc]
+
+
+@pytest.mark.parametrize("tile_tokens", [16, 64], ids=["page-per-step", "4-pages-per-step"])
+@pytest.mark.parametrize("rule", BLOCK_RULES, ids=rule_id)
+def test_block_vmc_with_dead_pages(rule, tile_tokens):
+    """Block-wise VMC where whole pages are dropped (their mass from the scores kernel's page log-sum-exp),
+    rows end mid-page (a dead last page in row 0, a read one in row 1), 3-way GQA: equal to the reference,
+    and clearly unlike sequence VMC."""
+    d, bs, H, H_kv, scale = 64, 16, 6, 2, 0.125
+    lengths, hot = [70, 45, 100], [[1], [2], [0, 4]]
+    query, batch = hot_page_batch(lengths, hot, H, H_kv, d, bs, seed=21)
+    theta = top_thresholds(query, batch.keys, rule, scale, keep=6)
+    kwargs = {"num_segments": 2, "tile_tokens": tile_tokens}
+    out, counters, ref, ref_rows = run_both(query, batch, theta, rule, scale, **kwargs)
+    assert all(r.v_blocks_visible - r.v_blocks_read >= 2 for r in ref_rows)  # dead pages in every row
+    assert_counts_match(counters, ref_rows)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    sequence = ToptRule(rule.placement, rule.sdc, rule.vmc, k=rule.k, vmc_scope="sequence")
+    out_seq, _, ref_seq, _ = run_both(query, batch, theta, sequence, scale, **kwargs)
+    torch.testing.assert_close(out_seq, ref_seq, atol=2e-5, rtol=1e-4)
+    assert (out - out_seq).abs().amax() > 0.5  # the scope matters here: the test can tell them apart
+
+
 @pytest.mark.parametrize("layout", paged.LAYOUTS)
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_block_sizes_layouts_soft_cap(block_size, layout):

@@ -31,7 +31,9 @@ from vllm_topt.backends.core import (
     extend_metadata,
 )
 from vllm_topt.config.options import options_from_vllm_config
-from vllm_topt.kernels.cpu.cpp import MAX_BLOCK_SIZE, load_extension, topt_decode_paged_cpp, update_v_block_sums_cpp
+from vllm_topt.kernels.cpu.cpp import (
+    CPU_DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, load_extension, topt_decode_paged_cpp, update_v_block_sums_cpp,
+)
 from vllm_topt.kernels.cpu.torch_decode import (
     KEY_LAYOUT_ROWS,
     KEY_LAYOUT_TRANSPOSED,
@@ -40,10 +42,6 @@ from vllm_topt.kernels.cpu.torch_decode import (
 )
 
 CPU_DENSE_BACKEND = "--attention-backend CPU_ATTN (dense)"
-# CPU_ATTN's default too. The C++ kernel reads V row by row, so a larger page
-# costs no extra V traffic, and K streams faster in longer runs (measured with
-# benchmarks/decode_cpu.py --block-size 32/64/128).
-CPU_DEFAULT_BLOCK_SIZE = 128
 
 
 class ToptCpuBackend(ToptBackendMixin, CPUAttentionBackend):

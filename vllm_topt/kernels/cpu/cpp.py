@@ -24,6 +24,10 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
 EXTENSION_NAME = "vllm_topt_cpu"
 # Largest KV block the kernel takes (its per-block score buffers are sized by it).
 MAX_BLOCK_SIZE = 256
+# The page TOPT serves with on CPU (CPU_ATTN's default too). The kernel reads V
+# row by row, so a larger page costs no extra V traffic, and K streams faster in
+# longer runs (measured with benchmarks/decode_cpu.py --block-size 32/64/128).
+CPU_DEFAULT_BLOCK_SIZE = 128
 
 
 def code_defines() -> list[str]:

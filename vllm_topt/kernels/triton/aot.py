@@ -20,10 +20,11 @@ filled when a binary is loaded on a device); shared memory is Triton's
 allocation (`metadata.shared`) plus ptxas' static smem.
 
 What is covered (`launch_plan`): on every target x head size (64, 128, 256) x
-dtype (bf16, fp16), each kernel's heaviest launch (sparse post-softmax + VMC +
-soft-cap, and dense + soft-cap, 8-way GQA; at block size 64 too where that makes
-the tile larger); and per head size every rule (dense; post-softmax +- VMC;
-pre-softmax x SDC none / exact / exp-threshold +- VMC), soft-capping on and
+dtype (bf16, fp16), each kernel's heaviest launches (sparse post-softmax + VMC
+over the sequence and per block + soft-cap, and dense + soft-cap, 8-way GQA; at
+block size 64 too where that makes the tile larger); and per head size every
+rule (dense; post-softmax +- VMC; pre-softmax x SDC none / exact / exp-threshold
++- VMC; VMC over the sequence or per block), soft-capping on and
 off, block sizes 16/32/64, group sizes 1, 2, 3, 6, 7, 8, 16 (the shipped
 configs' 3, 6, 7 among them) and batches giving 64, 8 and 1 segments per row
 (1 also turns the segment strides into constants), spread over the targets
@@ -78,6 +79,7 @@ class Shape:
     placement: str = "post-softmax"
     sdc: str = "none"
     vmc: bool = True
+    vmc_scope: str = "sequence"  # or "block" (SPEC §4)
     dense: bool = False  # a dense layer (or sparsity disabled): no θ
     soft_cap: float = 0.0
     batch: int = 1  # decode rows in the step (sets the segments per row, as the metadata builder does)
@@ -89,6 +91,7 @@ def rule_variants() -> list[dict]:
     """Every rule a threshold file can give a layer, kernel-wise (SDC is pre-softmax only)."""
     sparse = [dict(placement="post-softmax", sdc="none", vmc=vmc) for vmc in (True, False)]
     sparse += [dict(placement="pre-softmax", sdc=sdc, vmc=vmc) for sdc in SDC_NAMES for vmc in (True, False)]
+    sparse += [dict(rule, vmc_scope="block") for rule in sparse if rule["vmc"]]
     # A dense layer still passes its file's placement / SDC to the combine kernel (VMC is off there).
     dense = [dict(placement="post-softmax", sdc="none", vmc=True, dense=True)]
     dense += [dict(placement="pre-softmax", sdc=sdc, vmc=True, dense=True) for sdc in SDC_NAMES]
@@ -106,6 +109,7 @@ def batch_for_segments(num_kv_heads: int, segments: int, max_decodes: int) -> in
 
 
 SPARSE_HEAVY = dict(placement="post-softmax", sdc="none", vmc=True)  # every sparse-kernel feature but SDC
+SPARSE_HEAVY_BLOCK = dict(SPARSE_HEAVY, vmc_scope="block")  # the same with block-wise VMC (more state)
 DENSE_RULE = dict(placement="pre-softmax", sdc="exp-threshold", vmc=True, dense=True)
 # (block size, group size, KV heads, segments per row) beyond the base (16, 8, 8, 64).
 STRUCTURES = ((32, 1, 16, 1), (64, 3, 3, 8), (32, 7, 4, 8), (64, 16, 4, 1), (16, 2, 8, 1), (64, 6, 2, 64))
@@ -122,10 +126,10 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
     """(target, shape) pairs the compile check covers.
 
     Default: on every target x head size x dtype (bf16, fp16) cell, the heaviest
-    launch of each kernel: sparse post-softmax + VMC + soft-cap, and dense +
-    soft-cap, 8-way GQA, 64 segments per row, at block size 16 and, where a
-    larger block makes a larger tile (`decode.decode_tile_tokens`: d=256), at
-    block size 64 too. Then, per head size, every rule once (soft-capping on
+    launches of each kernel: sparse post-softmax + VMC (over the sequence, and
+    per block) + soft-cap, and dense + soft-cap, 8-way GQA, 64 segments per
+    row, at block size 16 and, where a larger block makes a larger tile
+    (`decode.decode_tile_tokens`: d=256), at block size 64 too. Then, per head size, every rule once (soft-capping on
     for half of them, so that each of pre-softmax's VMC x soft-cap pairs occurs)
     on each of the `STRUCTURES` (block size, group size, segment count), each
     sparse and dense, the (target, dtype) cells taking these in turn.
@@ -135,7 +139,7 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
     from vllm_topt.kernels.triton import decode
 
     dtypes = DTYPES if full else ("bf16", "fp16")
-    rules = rule_variants()  # 8 sparse, then 4 dense
+    rules = rule_variants()  # 12 sparse (the last 4 block-wise VMC), then 4 dense
     # Two more dense rules, so that every structure is launched both sparse and dense.
     rules += [r for r in rules if r.get("dense") and (r["placement"] == "post-softmax" or r["sdc"] == "exact")]
     rest = []
@@ -143,7 +147,7 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
         bs, g, kv, segs = STRUCTURES[i % len(STRUCTURES)]
         cap = SOFT_CAP if ((i >> 1) ^ i) & 1 else 0.0
         rest.append(dict(**rule, soft_cap=cap, block_size=bs, group_size=g, num_kv_heads=kv, segments=segs))
-    heavy = [dict(**SPARSE_HEAVY, soft_cap=SOFT_CAP), dict(**DENSE_RULE, soft_cap=SOFT_CAP)]
+    heavy = [dict(**rule, soft_cap=SOFT_CAP) for rule in (SPARSE_HEAVY, SPARSE_HEAVY_BLOCK, DENSE_RULE)]
     pairs: list[tuple[str, Shape]] = []
     for d in (64, 128, 256):
         cells = [(t, dt) for dt in dtypes for t in targets]
@@ -214,12 +218,14 @@ def backend_launches(shape: Shape) -> list[Launch]:
     dtype = getattr(torch, _TORCH_DTYPES[shape.dtype])
     D, BS, H_kv, B = shape.head_size, shape.block_size, shape.num_kv_heads, shape.batch
     H = shape.group_size * H_kv
-    rule = ToptRule(placement=shape.placement, sdc=shape.sdc, vmc=shape.vmc, dense=shape.dense)
+    rule = ToptRule(placement=shape.placement, sdc=shape.sdc, vmc=shape.vmc, dense=shape.dense,
+                    vmc_scope=shape.vmc_scope)
     # ToptCudaMetadataBuilder: segments per batch size, one scratch for the largest, θ buffer.
     segments = {b: decode.choose_num_segments(b, H_kv) for b in range(1, shape.max_decodes + 1)}
     max_pages = -(-shape.max_model_len // BS)
     scratch = decode.ToptScratch.allocate(shape.max_decodes, H, H_kv, D, max_pages,
-                                          capacity=max(b * s for b, s in segments.items()), device="cpu")
+                                          capacity=max(b * s for b, s in segments.items()), device="cpu",
+                                          block_vmc=rule.block_vmc)
     theta_buf = torch.zeros(shape.max_decodes, H, dtype=torch.float32)
     # The layer state (ToptCudaImpl): V sums, θ table, counters.
     num_blocks = 8
@@ -402,7 +408,8 @@ def _plain(value):
 
 def _label(shape: Shape) -> str:
     placement = "post" if shape.placement == "post-softmax" else f"pre/sdc={shape.sdc}"
-    rule = f"dense({placement})" if shape.dense else placement + ("+vmc" if shape.vmc else "")
+    vmc = ("+bvmc" if shape.vmc_scope == "block" else "+vmc") if shape.vmc else ""
+    rule = f"dense({placement})" if shape.dense else placement + vmc
     return (f"d={shape.head_size} {shape.dtype} G={shape.group_size} Hkv={shape.num_kv_heads} bs={shape.block_size} "
             f"B={shape.batch} {rule}" + (" softcap" if shape.soft_cap else ""))
 
@@ -508,7 +515,7 @@ def _failure_text(r: dict) -> str:
 _SHORT = {"_topt_scores_kernel": "scores", "_topt_sparse_kernel": "sparse", "_topt_combine_kernel": "combine",
           "_threshold_lookup_kernel": "theta_lookup", "_vsum_reset_kernel": "vsum_reset",
           "_vsum_add_kernel": "vsum_add"}
-_SHOWN = ("G", "D", "BS", "PAGES", "NSEG", "DENSE", "SOFTCAP", "POST", "SDC", "VMC", "DOT_FP32", "COUNT",
+_SHOWN = ("G", "D", "BS", "PAGES", "NSEG", "DENSE", "SOFTCAP", "POST", "SDC", "VMC", "BLOCK_VMC", "DOT_FP32", "COUNT",
           "HP", "NGP", "HD", "DP")
 
 

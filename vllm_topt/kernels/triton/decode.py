@@ -11,13 +11,17 @@ program serves every query head of a KV group, so K is loaded once per group
 and the group's heads go through `tl.dot` together (padded to >= 16 rows):
 
 1. scores: read K in full; per head the segment's running max and exp-sum
-   (online softmax) and, per page, the max score. With sparsity disabled it
-   also accumulates V (split-K flash decoding): the dense path of the same kernel.
+   (online softmax) and, per page, the max score (and, for block-wise VMC, the
+   page's log-sum-exp). With sparsity disabled it also accumulates V (split-K
+   flash decoding): the dense path of the same kernel.
 2. (sparse layers only) combine the segments' max and sum into the row's
    m and S; a page survives if any head of the group keeps any of its rows
    (SPEC §5, the GQA union), decided from the page max scores; only
    surviving pages are read (K again, to recompute their scores, and V).
-   Rows with n <= k keep everything. VMC reads per-block V sums, never V.
+   Rows with n <= k keep everything. VMC reads per-block V sums, never V;
+   block-wise VMC weights each page's mean by the mass the page dropped
+   (from the recomputed scores where the page is read, else from its
+   log-sum-exp).
 3. combine the segments' partial sums; SDC / VMC (SPEC §4); write the output
    and add the SPEC §7 counters to a device tensor (atomics, no host sync).
 
@@ -49,12 +53,13 @@ SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SEGMENTS = 64
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: a denominator's floor
 SPARSE_MAXNREG_D256 = 192
 
 
 @triton.jit
 def _topt_scores_kernel(
-    Q, K, V, BT, SEQ, BMAX, PM, PL, PACC,
+    Q, K, V, BT, SEQ, BMAX, BLSE, PM, PL, PACC,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -63,9 +68,12 @@ def _topt_scores_kernel(
     scale, soft_cap,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BS: tl.constexpr, PAGES: tl.constexpr, NSEG: tl.constexpr,
-    SOFTCAP: tl.constexpr, DENSE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, DENSE: tl.constexpr, BLOCK_VMC: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Phase 1: per (sequence, KV head, segment): m, Σexp per head; page max scores (or dense V sums)."""
+    """Phase 1: per (sequence, KV head, segment): m, Σexp per head; page max scores (or dense V sums).
+
+    BLSE (block-wise VMC): each page's log-sum-exp, laid out as BMAX."""
     TILE: tl.constexpr = PAGES * BS
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -110,14 +118,20 @@ def _topt_scores_kernel(
             s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0))
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         if not DENSE:
-            page_max = tl.max(tl.reshape(s, (GP, PAGES, BS)), axis=2)
             pg = t * PAGES + pg_in
-            tl.store(BMAX + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :], page_max,
-                     mask=head_ok[:, None] & (pg < num_pages)[None, :])
+            page_at = b * stride_bmb + h[:, None] * stride_bmh + pg[None, :]
+            page_ok = head_ok[:, None] & (pg < num_pages)[None, :]
+            tl.store(BMAX + page_at, tl.max(tl.reshape(s, (GP, PAGES, BS)), axis=2), mask=page_ok)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a visible key
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if BLOCK_VMC:
+            # What a page no head reads drops: all of its mass. From p, so no extra exp per key
+            # (pages past the row: 1, not log(0)).
+            page_sum = tl.where(page_ok, tl.sum(tl.reshape(p, (GP, PAGES, BS)), axis=2), 1.0)
+            page_lse = m_new[:, None] + tl.log(page_sum)
+            tl.store(BLSE + page_at, page_lse, mask=page_ok)
         if DENSE:
             v = tl.load(
                 V + blk[:, None] * stride_vb + slot[:, None] * stride_vs + g * stride_vh + d[None, :],
@@ -139,7 +153,7 @@ def _topt_scores_kernel(
 
 @triton.jit
 def _topt_sparse_kernel(
-    Q, K, V, BT, SEQ, THETA, VSUM, BMAX, PM, PL, PACC, PSK, PKEPT, PVSUM, PROWS, PPAGES,
+    Q, K, V, BT, SEQ, THETA, VSUM, BMAX, BLSE, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -149,10 +163,14 @@ def _topt_sparse_kernel(
     scale, soft_cap, k_target,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BS: tl.constexpr, PAGES: tl.constexpr, NSEG: tl.constexpr,
-    SOFTCAP: tl.constexpr, POST: tl.constexpr, VMC: tl.constexpr, ROW_GATHER: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, POST: tl.constexpr, VMC: tl.constexpr, BLOCK_VMC: tl.constexpr,
+    ROW_GATHER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Phase 2: per (sequence, KV head, segment): read only surviving pages; partial Σ w v, Σ w, counts."""
+    """Phase 2: per (sequence, KV head, segment): read only surviving pages; partial Σ w v, Σ w, counts.
+
+    VMC's partial sums: Σ of the pages' V sums per KV head (PVSUM); block-wise, per head
+    Σ_b d_b · mean(V of b) (PVMEAN) and Σ_b d_b (PDROP), d_b the mass page b dropped in units of
+    exp(s - m), which replaces the page's log-sum-exp in BLSE."""
     TILE: tl.constexpr = PAGES * BS
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -198,8 +216,8 @@ def _topt_sparse_kernel(
     for t in range(t_lo, t_hi):
         pg = t * PAGES + pg_in
         pg_ok = pg < num_pages
-        page_max = tl.load(BMAX + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :],
-                           mask=head_ok[:, None] & pg_ok[None, :], other=float("-inf"))
+        page_at = b * stride_bmb + h[:, None] * stride_bmh + pg[None, :]
+        page_max = tl.load(BMAX + page_at, mask=head_ok[:, None] & pg_ok[None, :], other=float("-inf"))
         # Same comparison as the element test below, on the page's best score.
         if POST:
             alive = tl.exp(page_max - m[:, None]) / S[:, None] > theta[:, None]
@@ -207,7 +225,12 @@ def _topt_sparse_kernel(
             alive = page_max > theta[:, None]
         alive = alive & head_ok[:, None] & pg_ok[None, :]
         page_alive = tl.max(alive.to(tl.int32), axis=0)  # [PAGES]: GQA union
-        if VMC:
+        if BLOCK_VMC:
+            # A page no head reads drops all of its mass (a page that is read: its dropped rows, below).
+            dead = head_ok[:, None] & pg_ok[None, :] & (page_alive == 0)[None, :]
+            page_lse = tl.load(BLSE + page_at, mask=dead, other=float("-inf"))
+            tl.store(BLSE + page_at, tl.exp(page_lse - m[:, None]), mask=dead)
+        elif VMC:
             vmc_ok = pg < vmc_pages
             pblk = tl.load(BT + b * stride_bt + pg, mask=vmc_ok, other=0).to(tl.int64)
             sums = tl.load(VSUM + pblk[:, None] * stride_vsb + g * stride_vsh + d[None, :],
@@ -239,6 +262,9 @@ def _topt_sparse_kernel(
             keep = keep & tok_ok[None, :] & head_ok[:, None]
             w = tl.where(keep, e, 0.0)
             s_kept += tl.sum(w, axis=1)
+            if BLOCK_VMC:
+                lost = tl.sum(tl.reshape(tl.where(keep, 0.0, e), (GP, PAGES, BS)), axis=2)
+                tl.store(BLSE + page_at, lost, mask=head_ok[:, None] & (page_alive > 0)[None, :])
             keep_i = keep.to(tl.int32)
             n_kept += tl.sum(keep_i, axis=1)
             row_needed = tl.max(keep_i, axis=0)  # [TILE]
@@ -265,18 +291,36 @@ def _topt_sparse_kernel(
     kv_part = b * stride_kvpb + g * stride_kvph + seg
     tl.store(PROWS + kv_part, tl.sum(rows_read, axis=0))
     tl.store(PPAGES + kv_part, tl.sum(pages_read, axis=0))
-    if VMC:
+    if BLOCK_VMC:
+        # A second pass over the pages, once acc is stored: its [GP, DP] sums would not fit beside acc's.
+        tl.debug_barrier()  # the dropped masses stored above, by other threads
+        v_mean = tl.zeros([GP, DP], tl.float32)
+        dropped = tl.zeros([GP], tl.float32)
+        for t in range(t_lo, t_hi):
+            pg = t * PAGES + pg_in
+            vmc_ok = pg < vmc_pages
+            lost = tl.load(BLSE + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :],
+                           mask=head_ok[:, None] & vmc_ok[None, :], other=0.0)
+            pblk = tl.load(BT + b * stride_bt + pg, mask=vmc_ok, other=0).to(tl.int64)
+            sums = tl.load(VSUM + pblk[:, None] * stride_vsb + g * stride_vsh + d[None, :],
+                           mask=vmc_ok[:, None] & d_ok[None, :], other=0.0)
+            rows = tl.maximum(tl.minimum(n - pg * BS, BS), 1)  # the page's visible rows (the last is partial)
+            v_mean += tl.sum(lost[:, :, None] * (sums / rows[:, None].to(tl.float32))[None, :, :], axis=1)
+            dropped += tl.sum(lost, axis=1)
+        tl.store(PVMEAN + part[:, None] * DP + d[None, :], v_mean, mask=head_ok[:, None])
+        tl.store(PDROP + part, dropped, mask=head_ok)
+    elif VMC:
         tl.store(PVSUM + kv_part * DP + d, v_sum)
 
 
 @triton.jit
 def _topt_combine_kernel(
-    OUT, SEQ, THETA, PM, PL, PACC, PSK, PKEPT, PVSUM, PROWS, PPAGES, CNT,
+    OUT, SEQ, THETA, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES, CNT,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_kvpb, stride_kvph, stride_thb, stride_cnt,
     k_target,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
     NSEG: tl.constexpr, DENSE: tl.constexpr, POST: tl.constexpr, SDC: tl.constexpr, VMC: tl.constexpr,
-    COUNT: tl.constexpr,
+    BLOCK_VMC: tl.constexpr, COUNT: tl.constexpr,
 ):
     """Phase 3: per (sequence, KV head): combine segments, compensate, write output and counters."""
     b = tl.program_id(0)
@@ -299,6 +343,8 @@ def _topt_combine_kernel(
     sparse_row = n > k_target
 
     acc = tl.zeros([GP, DP], tl.float32)
+    v_mean = tl.zeros([GP, DP], tl.float32)
+    dropped = tl.zeros([GP], tl.float32)
     for sg in range(NSEG):
         part = b * stride_pb + h * stride_ph + sg
         if DENSE:
@@ -310,6 +356,12 @@ def _topt_combine_kernel(
             sk_s = tl.load(PSK + part, mask=head_ok, other=0.0)
             acc += tl.load(PACC + part[:, None] * DP + d[None, :], mask=(head_ok & (sk_s > 0.0))[:, None],
                            other=0.0)
+        if BLOCK_VMC:
+            # A segment that dropped nothing adds nothing to Σ_b d_b · mean_b.
+            d_s = tl.load(PDROP + part, mask=head_ok, other=0.0)
+            dropped += d_s
+            v_mean += tl.load(PVMEAN + part[:, None] * DP + d[None, :], mask=(head_ok & (d_s > 0.0))[:, None],
+                              other=0.0)
 
     kv_part = b * stride_kvpb + g * stride_kvph + segs
     if DENSE:
@@ -332,14 +384,17 @@ def _topt_combine_kernel(
                 dropped_mass = tl.where(n_dropped > 0.0, n_dropped * tl.exp(theta - m), 0.0)
             else:
                 dropped_mass = tl.zeros([GP], tl.float32)
-            denom = tl.maximum(s_kept + dropped_mass, 1.1754943508222875e-38)
+            denom = tl.maximum(s_kept + dropped_mass, _FLT_MIN)
         out = acc / denom[:, None]
         if VMC:
             # VMC on rows the threshold applied to; elsewhere the kept weights sum to 1.
-            v_sum = tl.sum(tl.load(PVSUM + kv_part[:, None] * DP + d[None, :]), axis=0)
-            v_mean = v_sum / tl.maximum(n, 1).to(tl.float32)
             weight = tl.where(sparse_row, 1.0 - s_kept / denom, 0.0)
-            out += weight[:, None] * v_mean[None, :]
+            if BLOCK_VMC:
+                # Each page's mean in proportion to the mass it dropped; nothing dropped: v_mean = 0.
+                out += weight[:, None] * v_mean / tl.maximum(dropped, _FLT_MIN)[:, None]
+            else:
+                v_sum = tl.sum(tl.load(PVSUM + kv_part[:, None] * DP + d[None, :]), axis=0)
+                out += weight[:, None] * (v_sum / tl.maximum(n, 1).to(tl.float32))[None, :]
         kept = tl.sum(tl.where(head_ok, n_kept, 0), axis=0)
         rows_read = tl.sum(tl.load(PROWS + kv_part), axis=0)
         pages_read = tl.sum(tl.load(PPAGES + kv_part), axis=0)
@@ -384,6 +439,8 @@ class SegmentBuffers:
     seg_rows: torch.Tensor  # [B, H_kv, S] int32
     seg_pages: torch.Tensor  # [B, H_kv, S] int32
     seg_vsum: torch.Tensor  # [B, H_kv, S, d_pad] float32
+    seg_vmean: torch.Tensor | None  # block-wise VMC: [B, H, S, d_pad] float32, Σ_b d_b · mean(V of b)
+    seg_dropped: torch.Tensor | None  # block-wise VMC: [B, H, S] float32, Σ_b d_b
 
 
 @dataclass
@@ -393,6 +450,8 @@ class ToptScratch:
     Per-segment buffers are flat, sized for `capacity` = max over launches of
     batch x segments, and viewed per launch; `block_max` holds, per decode row,
     per head and per page, the page's max score ([max_batch, H, max_pages] float32).
+    `block_vmc` (a layer with block-wise VMC will launch): also `block_lse`, the
+    pages' log-sum-exp (as `block_max`), and the per-segment block-VMC sums.
     """
 
     block_max: torch.Tensor
@@ -403,21 +462,28 @@ class ToptScratch:
     flat_f32: torch.Tensor
     flat_i32: torch.Tensor
     dummy: torch.Tensor  # stands in for absent optional inputs
+    block_lse: torch.Tensor | None = None  # block-wise VMC only: as large as block_max
 
     @classmethod
     def allocate(cls, max_batch: int, num_heads: int, num_kv_heads: int, head_size: int, max_pages: int,
-                 capacity: int | None = None, device="cuda") -> ToptScratch:
+                 capacity: int | None = None, device="cuda", block_vmc: bool = False) -> ToptScratch:
         capacity = capacity or max_batch * MAX_SEGMENTS
         dp = triton.next_power_of_2(head_size)
-        f32 = capacity * (num_heads * (3 + dp) + num_kv_heads * dp)
+        f32 = capacity * (num_heads * (3 + dp) + num_kv_heads * dp + (num_heads * (1 + dp) if block_vmc else 0))
         i32 = capacity * (num_heads + 2 * num_kv_heads)
+        pages = (max_batch, num_heads, max(max_pages, 1))
         return cls(
-            block_max=torch.empty(max_batch, num_heads, max(max_pages, 1), dtype=torch.float32, device=device),
+            block_max=torch.empty(pages, dtype=torch.float32, device=device),
             num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, capacity=capacity,
             flat_f32=torch.empty(f32, dtype=torch.float32, device=device),
             flat_i32=torch.empty(i32, dtype=torch.int32, device=device),
             dummy=torch.zeros(1, dtype=torch.float32, device=device),
+            block_lse=torch.empty(pages, dtype=torch.float32, device=device) if block_vmc else None,
         )
+
+    @property
+    def block_vmc(self) -> bool:
+        return self.block_lse is not None
 
     def segments(self, batch: int, segments: int) -> SegmentBuffers:
         if batch * segments > self.capacity:
@@ -426,10 +492,13 @@ class ToptScratch:
         f32, i32 = _Carver(self.flat_f32, batch, segments), _Carver(self.flat_i32, batch, segments)
         return SegmentBuffers(
             seg_max=f32.take(H), seg_sum=f32.take(H), seg_kept_mass=f32.take(H), seg_acc=f32.take(H, dp),
-            seg_vsum=f32.take(H_kv, dp), seg_kept=i32.take(H), seg_rows=i32.take(H_kv), seg_pages=i32.take(H_kv),
+            seg_vsum=f32.take(H_kv, dp), seg_vmean=f32.take(H, dp) if self.block_vmc else None,
+            seg_dropped=f32.take(H) if self.block_vmc else None,
+            seg_kept=i32.take(H), seg_rows=i32.take(H_kv), seg_pages=i32.take(H_kv),
         )
 
-    def check(self, batch: int, num_heads: int, num_kv_heads: int, head_size: int, pages: int):
+    def check(self, batch: int, num_heads: int, num_kv_heads: int, head_size: int, pages: int,
+              block_vmc: bool = False):
         problems = []
         if self.block_max.shape[0] < batch:
             problems.append(f"batch {batch} > {self.block_max.shape[0]}")
@@ -437,6 +506,8 @@ class ToptScratch:
             problems.append("head counts or head size differ")
         if self.block_max.shape[2] < pages:
             problems.append(f"{pages} pages per row > {self.block_max.shape[2]}")
+        if block_vmc and not self.block_vmc:
+            problems.append("block-wise VMC needs buffers allocated with block_vmc=True")
         if problems:
             raise ValueError("TOPT scratch buffers do not fit this launch: " + "; ".join(problems))
 
@@ -526,6 +597,7 @@ def decode_launch(
     if nseg & (nseg - 1) or nseg > MAX_SEGMENTS:
         raise ValueError(f"num_segments {nseg}: a power of two <= {MAX_SEGMENTS}")
     vmc = rule.vmc and not dense
+    block_vmc = rule.block_vmc and not dense
     post = rule.placement is Placement.POST_SOFTMAX
     common = {
         "G": group_size, "GP": max(16, triton.next_power_of_2(group_size)), "D": head_size,
@@ -534,17 +606,20 @@ def decode_launch(
     kernel_opts = {"num_warps": num_warps, "num_stages": num_stages}
     pages = tile_tokens // block_size
     dot_prec = "ieee" if dot_fp32 else None  # None: the default (tensor cores) for bf16/fp16
-    scores = dict(PAGES=pages, SOFTCAP=soft_cap, DENSE=dense, DOT_FP32=dot_fp32, DOT_PREC=dot_prec,
-                  **common, **kernel_opts)
+    scores = dict(PAGES=pages, SOFTCAP=soft_cap, DENSE=dense, BLOCK_VMC=block_vmc, DOT_FP32=dot_fp32,
+                  DOT_PREC=dot_prec, **common, **kernel_opts)
     sparse = None
     if not dense:
-        sparse = dict(PAGES=pages, SOFTCAP=soft_cap, POST=post, VMC=vmc, ROW_GATHER=row_gather,
-                      DOT_FP32=dot_fp32, DOT_PREC=dot_prec, **common, **kernel_opts)
+        sparse = dict(PAGES=pages, SOFTCAP=soft_cap, POST=post, VMC=vmc, BLOCK_VMC=block_vmc,
+                      ROW_GATHER=row_gather, DOT_FP32=dot_fp32, DOT_PREC=dot_prec, **common, **kernel_opts)
         if head_size > 128 and not INTERPRETED:
             # At d=256 ptxas (Triton 3.9, sm_80/sm_90) caps this kernel at 128 registers and spills a few
             # bytes; a higher ceiling keeps it spill-free (tests/test_triton_compile.py).
             sparse["maxnreg"] = SPARSE_MAXNREG_D256
-    combine = dict(DENSE=dense, POST=post, SDC=rule.sdc.code, VMC=vmc, COUNT=count, **common, num_warps=4)
+        if block_vmc and head_size <= 128 and not INTERPRETED:
+            sparse["maxnreg"] = 128
+    combine = dict(DENSE=dense, POST=post, SDC=rule.sdc.code, VMC=vmc, BLOCK_VMC=block_vmc, COUNT=count,
+                   **common, num_warps=4)
     return DecodeLaunch(tile_tokens, nseg, scores, sparse, combine)
 
 
@@ -578,7 +653,8 @@ def topt_decode(
     0 marks a padding row, whose output is 0 and which is not counted);
     theta [B, H] float32 for each row's n (None or rule.dense: dense attention);
     v_block_sums [num_blocks, H_kv, d] float32 (see `update_v_block_sums`),
-    needed for VMC. counters: [B, 10] int64 (COUNTER_FIELDS order) the
+    needed for VMC (block-wise VMC also needs a scratch allocated with
+    block_vmc=True, or none). counters: [B, 10] int64 (COUNTER_FIELDS order) the
     kernel adds each row's SPEC §7 counts to (a row stride of 0 sums the
     batch into one row); nothing here synchronises with the host.
     scratch: reusable work buffers (allocated per call if None); max_pages:
@@ -602,6 +678,7 @@ def topt_decode(
     G = H // H_kv
     dense = rule.dense or theta is None
     vmc = rule.vmc and not dense
+    block_vmc = rule.block_vmc and not dense
     if vmc and v_block_sums is None:
         raise ValueError("VMC needs per-block V sums (v_block_sums)")
     device = query.device
@@ -613,8 +690,8 @@ def topt_decode(
                            count=counters is not None, num_segments=nseg, tile_tokens=tile_tokens,
                            row_gather=row_gather, num_warps=num_warps, num_stages=num_stages)
     if scratch is None:
-        scratch = ToptScratch.allocate(B, H, H_kv, D, 0 if dense else max_pages, B * nseg, device)
-    scratch.check(B, H, H_kv, D, 0 if dense else max_pages)
+        scratch = ToptScratch.allocate(B, H, H_kv, D, 0 if dense else max_pages, B * nseg, device, block_vmc)
+    scratch.check(B, H, H_kv, D, 0 if dense else max_pages, block_vmc)
     if out is None:
         out = torch.empty_like(query)
     sc = scratch.segments(B, nseg)
@@ -623,9 +700,11 @@ def topt_decode(
     stride_kvpb, stride_kvph = sc.seg_rows.stride(0), sc.seg_rows.stride(1)
     theta_t = scratch.dummy if dense else theta
     vsum_t = v_block_sums if vmc else scratch.dummy
+    # Block-wise VMC's buffers (BLSE has block_max's layout and strides); dummies for other rules.
+    blse, vmean, dropped = (scratch.block_lse, sc.seg_vmean, sc.seg_dropped) if block_vmc else (scratch.dummy,) * 3
 
     _topt_scores_kernel[(B, H_kv, nseg)](
-        query, key_cache, value_cache, block_table, seq_lens, bmax, sc.seg_max, sc.seg_sum, sc.seg_acc,
+        query, key_cache, value_cache, block_table, seq_lens, bmax, blse, sc.seg_max, sc.seg_sum, sc.seg_acc,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -636,8 +715,9 @@ def topt_decode(
     )
     if not dense:
         _topt_sparse_kernel[(B, H_kv, nseg)](
-            query, key_cache, value_cache, block_table, seq_lens, theta_t, vsum_t, bmax,
-            sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum, sc.seg_rows, sc.seg_pages,
+            query, key_cache, value_cache, block_table, seq_lens, theta_t, vsum_t, bmax, blse,
+            sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum, vmean, dropped,
+            sc.seg_rows, sc.seg_pages,
             query.stride(0), query.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -650,7 +730,7 @@ def topt_decode(
     cnt = counters if counters is not None else scratch.dummy
     _topt_combine_kernel[(B, H_kv)](
         out, seq_lens, theta_t, sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum,
-        sc.seg_rows, sc.seg_pages, cnt,
+        vmean, dropped, sc.seg_rows, sc.seg_pages, cnt,
         out.stride(0), out.stride(1), stride_pb, stride_ph, stride_kvpb, stride_kvph,
         theta_t.stride(0), counters.stride(0) if counters is not None else 0,
         rule.k,
