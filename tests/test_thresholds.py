@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from vllm_topt.config.options import ToptConfigError, ToptOptions, options_from_vllm_config, resolve_thresholds
 from vllm_topt.config.thresholds import (
@@ -208,6 +209,24 @@ def test_default_model_has_shipped_thresholds():
     assert path is not None and "smollm2" in path.name
     f, resolved = resolve_thresholds(ToptOptions(), config, str(DEFAULT_MODEL))
     assert resolved == path and f.model.num_heads == 9
+
+
+def test_quality_operating_point_picks_the_quality_file():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    speed = find_shipped_thresholds(config)
+    f, quality = resolve_thresholds(ToptOptions(operating_point="quality"), config, str(DEFAULT_MODEL))
+    assert speed.name == "smollm2-135m-instruct.k32.post-softmax.json"  # still the default
+    assert quality.name.endswith(".quality.json") and "smollm2" in quality.name and f.target_k > 32
+    with pytest.raises(ValidationError):
+        ToptOptions(operating_point="fast")
+
+
+def test_quality_operating_point_without_a_quality_file_says_what_to_do():
+    config = fake_hf_config()  # a model nothing is shipped for
+    with pytest.raises(ThresholdFileError, match="ships no quality threshold file for model tiny.*operating_point"):
+        resolve_thresholds(ToptOptions(operating_point="quality"), config, "tiny")
 
 
 def test_thresholds_on_sliding_window_layers_are_refused(tmp_path, gemma_model):

@@ -10,11 +10,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_topt.config.thresholds import (
+    QUALITY_SUFFIX,
     ThresholdFile,
     ThresholdFileError,
     check_matches_model,
     find_shipped_thresholds,
     load_threshold_file,
+    shipped_config_files,
 )
 
 
@@ -25,6 +27,9 @@ class ToptOptions(BaseModel):
 
     thresholds: str | None = None
     """Path of a threshold file; default: the shipped file matching the model."""
+    operating_point: Literal["speed", "quality"] = "speed"
+    """Which shipped file, when `thresholds` is not given: "speed" (k=32) or
+    "quality" (within 1% of dense perplexity at <= 10% of elements, where shipped)."""
     disable_sparsity: bool = False
     """Run the TOPT code path keeping every element (A/B tests)."""
     telemetry_interval_s: float = Field(default=10.0, ge=0.0)
@@ -58,7 +63,14 @@ def resolve_thresholds(options: ToptOptions, hf_config, model_name: str) -> tupl
     if options.thresholds:
         path = Path(options.thresholds).expanduser()
     else:
-        path = find_shipped_thresholds(hf_config)
+        path = find_shipped_thresholds(hf_config, options.operating_point)
+        if path is None and options.operating_point == "quality":
+            raise ThresholdFileError(
+                f"TOPT ships no quality threshold file for model {model_name} (shipped: "
+                f"{', '.join(p.name for p in shipped_config_files() if p.name.endswith(QUALITY_SUFFIX))}). "
+                "Drop \"operating_point\" for the k=32 file, or calibrate a larger k with "
+                f"`vllm-topt-calibrate --model {model_name} --k 48 --out thresholds.json` and pass it as \"thresholds\"."
+            )
         if path is None:
             raise ThresholdFileError(
                 f"TOPT has no shipped threshold file for model {model_name}. Calibrate one with "

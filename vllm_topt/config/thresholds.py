@@ -22,6 +22,8 @@ from vllm_topt.config.support import sliding_window_layers, text_config
 from vllm_topt.method.rules import Placement, Sdc, ToptRule, VmcScope, layer_rules
 
 SCHEMA_VERSION = 1
+# A shipped file named *.quality.json is a model's quality operating point; the other is its default.
+QUALITY_SUFFIX = ".quality.json"
 EXTRAPOLATION_RULE = "loglog-slope"
 # Fit the beyond-the-grid slope on grid points with n >= n_max / 2.
 EXTRAPOLATION_FIT_FRACTION = 0.5
@@ -300,10 +302,17 @@ def shipped_config_files() -> list[Path]:
     return sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
 
 
-def find_shipped_thresholds(hf_config) -> Path | None:
-    """The shipped threshold file whose fingerprint matches the served model."""
+def find_shipped_thresholds(hf_config, operating_point: str = "speed") -> Path | None:
+    """The shipped threshold file for the served model at an operating point.
+
+    "speed": the k=32 file (the default); "quality": `*.quality.json`, within
+    1% of dense perplexity on held-out text at <= 10% of attention elements.
+    """
     fingerprint = model_fingerprint(hf_config)
+    quality = operating_point == "quality"
     for path in shipped_config_files():
+        if path.name.endswith(QUALITY_SUFFIX) != quality:
+            continue
         try:
             if json.loads(path.read_text())["model"]["fingerprint"] == fingerprint:
                 return path
