@@ -9,22 +9,23 @@ Needs torch and triton only (no vLLM, no network): it imports
 1. Correctness against `topt_attention_reference` (the source of truth):
    bf16 head 128 GQA 4:1 and 8:1, ragged batches of 1..64 rows with contexts
    1k..128k (and rows with n <= k, lengths on block edges), block sizes
-   16/32/64, head sizes 64/256, fp16/fp32, every placement / SDC / VMC mode,
-   the row-gather variant, SPEC §7 counters per row; plus: V that is skipped
-   is really not read (NaN poisoning), the V-block-sum update, θ(n) lookup on
-   the device, and the kernel inside a CUDA graph (no host sync).
+   16/32/64, head sizes 64/256, fp16/fp32, every placement / SDC / VMC mode
+   (VMC over the sequence and per block), the row-gather variant, SPEC §7
+   counters per row; plus: V that is skipped is really not read (NaN
+   poisoning), the V-block-sum update, θ(n) lookup on the device, and the
+   kernel inside a CUDA graph (no host sync).
 2. With --capture PATH, the same on real attention (format below).
 3. A benchmark table on "structured" random data (a controlled fraction of V
    blocks holds the keys the query attends to; thresholds are set from the
    data so that exactly those are kept): the dense path (same kernel, sparsity
    disabled), torch SDPA decode on contiguous K/V, and TOPT at ~80/90/95% of
-   V blocks skipped (and the row-gather variant at 90%). Times are medians of
-   triton.testing.do_bench (L2 flushed between runs); GB/s counts K read in
-   full plus the V blocks read (what SPEC §5 counts) and is compared with
-   --peak-gbps; "ceiling" is SPEC §5's (|K|+|V|) / (|K| + (1-s)|V|) for the
-   measured V-block skip s, and "of ceiling" is the measured speedup over the
-   dense path divided by it. Then a small launch-parameter sweep (keys per
-   loop step, warps) on one shape.
+   V blocks skipped (and pre-softmax, block-wise VMC and the row-gather
+   variant at 90%). Times are medians of triton.testing.do_bench (L2 flushed
+   between runs); GB/s counts K read in full plus the V blocks read (what
+   SPEC §5 counts) and is compared with --peak-gbps; "ceiling" is SPEC §5's
+   (|K|+|V|) / (|K| + (1-s)|V|) for the measured V-block skip s, and "of
+   ceiling" is the measured speedup over the dense path divided by it. Then a
+   small launch-parameter sweep (keys per loop step, warps) on one shape.
 
 Capture file (torch.save dict), either
   {"q": [L, B, Hq, D], "k": [L, T, Hkv, D], "v": [L, T, Hkv, D],
@@ -42,6 +43,7 @@ Writes <out>/gpu_check.json and prints the tables; exits 1 if a check failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -221,8 +223,15 @@ RULES = {
     "pre-expthr": ToptRule("pre-softmax", "exp-threshold", False, k=128),
     "pre-expthr+vmc": ToptRule("pre-softmax", "exp-threshold", True, k=128),
     "pre-none+vmc": ToptRule("pre-softmax", "none", True, k=128),
+    "post+bvmc": ToptRule("post-softmax", "none", True, k=128, vmc_scope="block"),
+    "pre-exact+bvmc": ToptRule("pre-softmax", "exact", True, k=128, vmc_scope="block"),
     "dense": ToptRule("post-softmax", "none", True, k=128, dense=True),
 }
+
+
+def rule_label(rule: ToptRule) -> str:
+    vmc = f"vmc-{rule.vmc_scope}" if rule.vmc else "novmc"
+    return f"{rule.placement}/{rule.sdc}/{vmc}{' dense' if rule.dense else ''}"
 
 
 def correctness_cases(smoke: bool):
@@ -230,7 +239,7 @@ def correctness_cases(smoke: bool):
     bf16 = torch.bfloat16
     if smoke:
         lengths = [5, 16, 17, 130, 200]
-        small = [ToptRule(r.placement, r.sdc, r.vmc, k=8, dense=r.dense) for r in RULES.values()]
+        small = [dataclasses.replace(r, k=8) for r in RULES.values()]
         return [
             ("smoke gqa4 bs16 fp32", lengths, 8, 2, 64, 16, torch.float32, small, {}),
             ("smoke gqa3 bs32 bf16", [40, 97], 6, 2, 64, 32, bf16, small[:1], {}),
@@ -245,10 +254,10 @@ def correctness_cases(smoke: bool):
         ("bf16 gqa4:1 B=1 128k bs16", [131072], 32, 8, 128, 16, bf16, [RULES["post+vmc"], RULES["dense"]], {}),
         ("bf16 gqa4:1 B=64 <=4k bs16", ragged64, 32, 8, 128, 16, bf16, [RULES["post+vmc"], RULES["pre-none+vmc"]], {}),
         ("bf16 gqa4:1 B=8 bs32", ragged8[:6], 32, 8, 128, 32, bf16, [RULES["post+vmc"]], {}),
-        ("bf16 gqa4:1 B=8 bs64", ragged8[:6], 32, 8, 128, 64, bf16, [RULES["pre-exact+vmc"]], {}),
+        ("bf16 gqa4:1 B=8 bs64", ragged8[:6], 32, 8, 128, 64, bf16, [RULES["pre-exact+vmc"], RULES["post+bvmc"]], {}),
         ("bf16 gqa4:1 row-gather", ragged8[:6], 32, 8, 128, 16, bf16, [RULES["post+vmc"]], {"row_gather": True}),
         ("fp16 gqa4:1 head64", ragged8[:5], 32, 8, 64, 16, torch.float16, [RULES["post+vmc"]], {}),
-        ("bf16 gqa2:1 head256", ragged8[:5], 16, 8, 256, 16, bf16, [RULES["pre-exact+vmc"]], {}),
+        ("bf16 gqa2:1 head256", ragged8[:5], 16, 8, 256, 16, bf16, [RULES["pre-exact+vmc"], RULES["post+bvmc"]], {}),
         ("fp32 gqa4:1 head128", ragged8[:5], 32, 8, 128, 16, torch.float32, [RULES["post+vmc"], RULES["dense"]], {}),
         ("bf16 mha head128 LBHNC", ragged8[:4], 8, 8, 128, 16, bf16, [RULES["post+vmc"]], {"layout": "LBHNC"}),
     ]
@@ -263,7 +272,7 @@ def run_correctness(smoke: bool) -> list[dict]:
         scale = D**-0.5
         tol = (1e-4, 1e-3) if dtype == torch.float32 else (2e-2, 2e-2)
         for rule in rules:
-            label = f"{name} {rule.placement}/{rule.sdc}/vmc{int(rule.vmc)}{' dense' if rule.dense else ''}"
+            label = f"{name} {rule_label(rule)}"
 
             def check(batch=batch, rule=rule, scale=scale, tol=tol, extra=extra):
                 theta = None if rule.dense else quantile_thresholds(batch, rule, scale, 0.02, rule.k)
@@ -284,14 +293,16 @@ def run_correctness(smoke: bool) -> list[dict]:
 
 
 def check_poison(smoke: bool) -> dict:
-    """NaN in every V row outside the needed blocks (rows, for row gather): the output must not change."""
+    """NaN in every V row outside the needed blocks (rows, for row gather): the output must not change
+    (VMC, over the sequence or per block, reads the V-block sums only)."""
     def check():
         n, bs, D = (256, 16, 64) if smoke else (65536, 16, 128)
         batch = Batch([n], 4, 1, D, bs, torch.bfloat16, seed=3)
         rule = ToptRule("post-softmax", "none", True, k=4)
         theta = quantile_thresholds(batch, rule, D**-0.5, 0.001, 4)
         details, ok = [], True
-        for row_gather in (False, True):
+        for row_gather, scope in ((False, "sequence"), (True, "sequence"), (False, "block")):
+            rule = dataclasses.replace(rule, vmc_scope=scope)
             out, _ = batch.run(theta, rule, D**-0.5, row_gather=row_gather)
             s = batch.scores(0, D**-0.5)
             keep = (torch.softmax(s, dim=-1) > theta[0][:, None]).any(dim=0)
@@ -302,7 +313,7 @@ def check_poison(smoke: bool) -> dict:
             out2, _ = batch.run(theta, rule, D**-0.5, row_gather=row_gather)
             batch.value_cache.copy_(saved)
             same = bool(torch.equal(out, out2))
-            details.append(f"{'rows' if row_gather else 'blocks'}: {'unchanged' if same else 'CHANGED'}")
+            details.append(f"{'rows' if row_gather else 'blocks'}, {scope} VMC: {'unchanged' if same else 'CHANGED'}")
             ok = ok and same
         return {"ok": ok, "detail": ", ".join(details)}
 
@@ -355,42 +366,50 @@ def check_threshold_lookup(smoke: bool) -> dict:
 
 
 def check_cuda_graph(smoke: bool) -> dict:
-    """Capture the decode (lookup-free) in a CUDA graph, change the lengths in place, replay."""
+    """Capture the decode (lookup-free) in a CUDA graph, change the lengths in place, replay
+    (VMC over the sequence and per block)."""
     def check():
-        lengths = [3000, 700, 5000, 129]
-        batch = Batch(lengths, 32, 8, 128, 16, torch.bfloat16, seed=11)
-        rule = RULES["post+vmc"]
-        theta = quantile_thresholds(batch, rule, 128**-0.5, 0.02, rule.k)
-        scratch = td.ToptScratch.allocate(4, 32, 8, 128, batch.block_table.shape[1], capacity=4 * 16, device=DEVICE)
-        out = torch.empty_like(batch.query)
-        counters = td.new_counters(4, device=DEVICE)
-
-        def step():
-            td.topt_decode(batch.query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta,
-                           rule, 128**-0.5, v_block_sums=batch.v_block_sums, out=out, counters=counters,
-                           scratch=scratch, num_segments=16)
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # compile outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        batch.seq_lens.copy_(torch.tensor([2999, 650, 5000, 100], dtype=torch.int32))
-        batch.lengths = batch.seq_lens.tolist()
-        batch.keys = [k[:n] for k, n in zip(batch.keys, batch.lengths)]
-        batch.values = [v[:n] for v, n in zip(batch.values, batch.lengths)]
-        counters.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        replayed = out.clone()
-        ref, _ = reference(batch, theta, rule, 128**-0.5)
-        err = float((replayed.float().cpu() - ref).abs().max())
-        return {"ok": err < 2e-2 and int(counters[:, 0].sum()) == 4, "detail": f"replay max err {err:.2e}"}
+        replays = {name: graph_replay(RULES[name]) for name in ("post+vmc", "post+bvmc")}
+        return {"ok": all(ok for ok, _ in replays.values()),
+                "detail": ", ".join(f"{name} {detail}" for name, (_, detail) in replays.items())}
 
     return attempt({"case": "CUDA graph capture and replay"}, check)
+
+
+def graph_replay(rule: ToptRule) -> tuple[bool, str]:
+    """(ok, detail) of one capture and replay of `rule`'s decode."""
+    lengths = [3000, 700, 5000, 129]
+    batch = Batch(lengths, 32, 8, 128, 16, torch.bfloat16, seed=11)
+    theta = quantile_thresholds(batch, rule, 128**-0.5, 0.02, rule.k)
+    scratch = td.ToptScratch.allocate(4, 32, 8, 128, batch.block_table.shape[1], capacity=4 * 16, device=DEVICE,
+                                      block_vmc=rule.block_vmc)
+    out = torch.empty_like(batch.query)
+    counters = td.new_counters(4, device=DEVICE)
+
+    def step():
+        td.topt_decode(batch.query, batch.key_cache, batch.value_cache, batch.block_table, batch.seq_lens, theta,
+                       rule, 128**-0.5, v_block_sums=batch.v_block_sums, out=out, counters=counters,
+                       scratch=scratch, num_segments=16)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    batch.seq_lens.copy_(torch.tensor([2999, 650, 5000, 100], dtype=torch.int32))
+    batch.lengths = batch.seq_lens.tolist()
+    batch.keys = [k[:n] for k, n in zip(batch.keys, batch.lengths)]
+    batch.values = [v[:n] for v, n in zip(batch.values, batch.lengths)]
+    counters.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    ref, _ = reference(batch, theta, rule, 128**-0.5)
+    err = float((replayed.float().cpu() - ref).abs().max())
+    return err < 2e-2 and int(counters[:, 0].sum()) == 4, f"replay max err {err:.2e}"
 
 
 # --- 2. a capture of real attention ---------------------------------------------------------------------
@@ -533,7 +552,8 @@ def bench_one(name, B, n, H, H_kv, D, bs, skips) -> list[dict]:
     nseg = 2 if ARGS.interpret else td.choose_num_segments(B, H_kv, max_seq_len=n)
     batch, th_pre, th_post = structured_batch(B, n, H, H_kv, D, bs, skips[0], seed=B + n)
     out = torch.empty_like(batch.query)
-    scratch = td.ToptScratch.allocate(B, H, H_kv, D, batch.block_table.shape[1], capacity=B * nseg, device=DEVICE)
+    scratch = td.ToptScratch.allocate(B, H, H_kv, D, batch.block_table.shape[1], capacity=B * nseg, device=DEVICE,
+                                      block_vmc=True)
 
     def kernel(b, theta, rule, **kw):
         return lambda: td.topt_decode(
@@ -556,6 +576,7 @@ def bench_one(name, B, n, H, H_kv, D, bs, skips) -> list[dict]:
         if skip == 0.9:
             variants += [
                 ("TOPT pre+exact+VMC", th_pre, ToptRule("pre-softmax", "exact", True, k=128), {}),
+                ("TOPT post+block VMC", th_post, dataclasses.replace(post, vmc_scope="block"), {}),
                 ("TOPT post+VMC row-gather", th_post, post, {"row_gather": True}),
             ]
         for label, theta, rule, kw in variants:

@@ -9,7 +9,7 @@ Shapes are tiny: the interpreter runs every program in Python.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -199,7 +199,7 @@ def test_block_vmc_with_dead_pages(rule, tile_tokens):
     assert all(r.v_blocks_visible - r.v_blocks_read >= 2 for r in ref_rows)  # dead pages in every row
     assert_counts_match(counters, ref_rows)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    sequence = ToptRule(rule.placement, rule.sdc, rule.vmc, k=rule.k, vmc_scope="sequence")
+    sequence = replace(rule, vmc_scope="sequence")
     out_seq, _, ref_seq, _ = run_both(query, batch, theta, sequence, scale, **kwargs)
     torch.testing.assert_close(out_seq, ref_seq, atol=2e-5, rtol=1e-4)
     assert (out - out_seq).abs().amax() > 0.5  # the scope matters here: the test can tell them apart

@@ -60,6 +60,8 @@ TARGETS = {"sm_90": 90, "sm_80": 80}
 MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}
 KERNELS = ("_topt_scores_kernel", "_topt_sparse_kernel", "_topt_combine_kernel", "_threshold_lookup_kernel",
            "_vsum_reset_kernel", "_vsum_add_kernel")
+# @triton.jit functions of `decode` that only kernels call (compiled inside them).
+DEVICE_FUNCTIONS = ("_page_alive",)
 DTYPES = ("bf16", "fp16", "fp32")
 SDC_NAMES = ("none", "exact", "exp-threshold")
 
@@ -129,10 +131,11 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
     launches of each kernel: sparse post-softmax + VMC (over the sequence, and
     per block) + soft-cap, and dense + soft-cap, 8-way GQA, 64 segments per
     row, at block size 16 and, where a larger block makes a larger tile
-    (`decode.decode_tile_tokens`: d=256), at block size 64 too. Then, per head size, every rule once (soft-capping on
-    for half of them, so that each of pre-softmax's VMC x soft-cap pairs occurs)
-    on each of the `STRUCTURES` (block size, group size, segment count), each
-    sparse and dense, the (target, dtype) cells taking these in turn.
+    (`decode.decode_tile_tokens`: d=256), at block size 64 too. Then, per head
+    size, every rule once (soft-capping on for half of them, so that each of
+    pre-softmax's VMC x soft-cap pairs occurs) on each of the `STRUCTURES`
+    (block size, group size, segment count), each sparse and dense, the
+    (target, dtype) cells taking these in turn.
     `full`: fp32 cells too, and MQA-like group sizes (32, 64) with the heavy
     rules at block sizes 16 and 64 on every cell.
     """
@@ -443,7 +446,8 @@ def kernels_defined() -> list[str]:
 
     from vllm_topt.kernels.triton import decode
 
-    return sorted(name for name, value in vars(decode).items() if isinstance(value, JITFunction))
+    return sorted(name for name, value in vars(decode).items()
+                  if isinstance(value, JITFunction) and name not in DEVICE_FUNCTIONS)
 
 
 def _init_worker(env: dict) -> None:
@@ -515,8 +519,8 @@ def _failure_text(r: dict) -> str:
 _SHORT = {"_topt_scores_kernel": "scores", "_topt_sparse_kernel": "sparse", "_topt_combine_kernel": "combine",
           "_threshold_lookup_kernel": "theta_lookup", "_vsum_reset_kernel": "vsum_reset",
           "_vsum_add_kernel": "vsum_add"}
-_SHOWN = ("G", "D", "BS", "PAGES", "NSEG", "DENSE", "SOFTCAP", "POST", "SDC", "VMC", "BLOCK_VMC", "DOT_FP32", "COUNT",
-          "HP", "NGP", "HD", "DP")
+_SHOWN = ("G", "D", "BS", "PAGES", "NSEG", "DENSE", "SOFTCAP", "POST", "SDC", "VMC", "BLOCK_VMC", "DOT_FP32",
+          "COUNT", "HP", "NGP", "HD", "DP")
 
 
 def config_text(result: dict) -> str:

@@ -54,18 +54,19 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SEGMENTS = 64
 _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: a denominator's floor
-SPARSE_MAXNREG_D256 = 192
+SPARSE_MAXNREG = 192
+SCORES_MAXNREG_BLOCK_VMC = 64
 
 
 @triton.jit
 def _topt_scores_kernel(
-    Q, K, V, BT, SEQ, BMAX, BLSE, PM, PL, PACC,
+    Q, K, V, BT, SEQ, BMAX, PM, PL, PACC,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt, stride_bmb, stride_bmh,
     stride_pb, stride_ph,
-    scale, soft_cap,
+    scale, soft_cap, stride_bmp,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BS: tl.constexpr, PAGES: tl.constexpr, NSEG: tl.constexpr,
     SOFTCAP: tl.constexpr, DENSE: tl.constexpr, BLOCK_VMC: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -73,7 +74,8 @@ def _topt_scores_kernel(
 ):
     """Phase 1: per (sequence, KV head, segment): m, Σexp per head; page max scores (or dense V sums).
 
-    BLSE (block-wise VMC): each page's log-sum-exp, laid out as BMAX."""
+    Block-wise VMC: BMAX + stride_bmp (a plane of the same buffer) gets each page's log-sum-exp.
+    (stride_bmp is the last runtime argument so that the other rules' kernels compile as before.)"""
     TILE: tl.constexpr = PAGES * BS
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -118,10 +120,10 @@ def _topt_scores_kernel(
             s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0))
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         if not DENSE:
+            page_max = tl.max(tl.reshape(s, (GP, PAGES, BS)), axis=2)
             pg = t * PAGES + pg_in
-            page_at = b * stride_bmb + h[:, None] * stride_bmh + pg[None, :]
-            page_ok = head_ok[:, None] & (pg < num_pages)[None, :]
-            tl.store(BMAX + page_at, tl.max(tl.reshape(s, (GP, PAGES, BS)), axis=2), mask=page_ok)
+            tl.store(BMAX + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :], page_max,
+                     mask=head_ok[:, None] & (pg < num_pages)[None, :])
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a visible key
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -129,9 +131,11 @@ def _topt_scores_kernel(
         if BLOCK_VMC:
             # What a page no head reads drops: all of its mass. From p, so no extra exp per key
             # (pages past the row: 1, not log(0)).
+            page_ok = head_ok[:, None] & (pg < num_pages)[None, :]
             page_sum = tl.where(page_ok, tl.sum(tl.reshape(p, (GP, PAGES, BS)), axis=2), 1.0)
             page_lse = m_new[:, None] + tl.log(page_sum)
-            tl.store(BLSE + page_at, page_lse, mask=page_ok)
+            tl.store(BMAX + stride_bmp + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :], page_lse,
+                     mask=page_ok)
         if DENSE:
             v = tl.load(
                 V + blk[:, None] * stride_vb + slot[:, None] * stride_vs + g * stride_vh + d[None, :],
@@ -152,15 +156,28 @@ def _topt_scores_kernel(
 
 
 @triton.jit
+def _page_alive(page_max, m, S, theta, head_ok, pg_ok, POST: tl.constexpr):
+    """[PAGES] 1 where some head of the group keeps a row of the page (GQA union), else 0.
+
+    The sparse kernel's element test on the page's best score."""
+    if POST:
+        alive = tl.exp(page_max - m[:, None]) / S[:, None] > theta[:, None]
+    else:
+        alive = page_max > theta[:, None]
+    alive = alive & head_ok[:, None] & pg_ok[None, :]
+    return tl.max(alive.to(tl.int32), axis=0)
+
+
+@triton.jit
 def _topt_sparse_kernel(
-    Q, K, V, BT, SEQ, THETA, VSUM, BMAX, BLSE, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES,
+    Q, K, V, BT, SEQ, THETA, VSUM, BMAX, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt, stride_bmb, stride_bmh,
     stride_pb, stride_ph, stride_kvpb, stride_kvph,
     stride_thb, stride_vsb, stride_vsh,
-    scale, soft_cap, k_target,
+    scale, soft_cap, k_target, stride_bmp,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BS: tl.constexpr, PAGES: tl.constexpr, NSEG: tl.constexpr,
     SOFTCAP: tl.constexpr, POST: tl.constexpr, VMC: tl.constexpr, BLOCK_VMC: tl.constexpr,
@@ -170,7 +187,7 @@ def _topt_sparse_kernel(
 
     VMC's partial sums: Σ of the pages' V sums per KV head (PVSUM); block-wise, per head
     Σ_b d_b · mean(V of b) (PVMEAN) and Σ_b d_b (PDROP), d_b the mass page b dropped in units of
-    exp(s - m), which replaces the page's log-sum-exp in BLSE."""
+    exp(s - m), which replaces a read page's log-sum-exp at BMAX + stride_bmp."""
     TILE: tl.constexpr = PAGES * BS
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -216,21 +233,10 @@ def _topt_sparse_kernel(
     for t in range(t_lo, t_hi):
         pg = t * PAGES + pg_in
         pg_ok = pg < num_pages
-        page_at = b * stride_bmb + h[:, None] * stride_bmh + pg[None, :]
-        page_max = tl.load(BMAX + page_at, mask=head_ok[:, None] & pg_ok[None, :], other=float("-inf"))
-        # Same comparison as the element test below, on the page's best score.
-        if POST:
-            alive = tl.exp(page_max - m[:, None]) / S[:, None] > theta[:, None]
-        else:
-            alive = page_max > theta[:, None]
-        alive = alive & head_ok[:, None] & pg_ok[None, :]
-        page_alive = tl.max(alive.to(tl.int32), axis=0)  # [PAGES]: GQA union
-        if BLOCK_VMC:
-            # A page no head reads drops all of its mass (a page that is read: its dropped rows, below).
-            dead = head_ok[:, None] & pg_ok[None, :] & (page_alive == 0)[None, :]
-            page_lse = tl.load(BLSE + page_at, mask=dead, other=float("-inf"))
-            tl.store(BLSE + page_at, tl.exp(page_lse - m[:, None]), mask=dead)
-        elif VMC:
+        page_max = tl.load(BMAX + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :],
+                           mask=head_ok[:, None] & pg_ok[None, :], other=float("-inf"))
+        page_alive = _page_alive(page_max, m, S, theta, head_ok, pg_ok, POST)
+        if VMC and not BLOCK_VMC:
             vmc_ok = pg < vmc_pages
             pblk = tl.load(BT + b * stride_bt + pg, mask=vmc_ok, other=0).to(tl.int64)
             sums = tl.load(VSUM + pblk[:, None] * stride_vsb + g * stride_vsh + d[None, :],
@@ -263,8 +269,10 @@ def _topt_sparse_kernel(
             w = tl.where(keep, e, 0.0)
             s_kept += tl.sum(w, axis=1)
             if BLOCK_VMC:
+                # A read page's dropped mass replaces its log-sum-exp (read back after the loop).
                 lost = tl.sum(tl.reshape(tl.where(keep, 0.0, e), (GP, PAGES, BS)), axis=2)
-                tl.store(BLSE + page_at, lost, mask=head_ok[:, None] & (page_alive > 0)[None, :])
+                tl.store(BMAX + stride_bmp + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :], lost,
+                         mask=head_ok[:, None] & (page_alive > 0)[None, :])
             keep_i = keep.to(tl.int32)
             n_kept += tl.sum(keep_i, axis=1)
             row_needed = tl.max(keep_i, axis=0)  # [TILE]
@@ -292,15 +300,21 @@ def _topt_sparse_kernel(
     tl.store(PROWS + kv_part, tl.sum(rows_read, axis=0))
     tl.store(PPAGES + kv_part, tl.sum(pages_read, axis=0))
     if BLOCK_VMC:
-        # A second pass over the pages, once acc is stored: its [GP, DP] sums would not fit beside acc's.
+        # A second pass over the pages, once acc is stored: beside acc, a second [GP, DP] accumulator
+        # would cost the main loop ~25 registers.
         tl.debug_barrier()  # the dropped masses stored above, by other threads
         v_mean = tl.zeros([GP, DP], tl.float32)
         dropped = tl.zeros([GP], tl.float32)
         for t in range(t_lo, t_hi):
             pg = t * PAGES + pg_in
             vmc_ok = pg < vmc_pages
-            lost = tl.load(BLSE + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :],
-                           mask=head_ok[:, None] & vmc_ok[None, :], other=0.0)
+            page_at = b * stride_bmb + h[:, None] * stride_bmh + pg[None, :]
+            ok = head_ok[:, None] & vmc_ok[None, :]
+            page_max = tl.load(BMAX + page_at, mask=ok, other=float("-inf"))
+            page_alive = _page_alive(page_max, m, S, theta, head_ok, vmc_ok, POST)
+            # A page no head reads dropped all of its mass: exp(log-sum-exp - m).
+            x = tl.load(BMAX + stride_bmp + page_at, mask=ok, other=0.0)
+            lost = tl.where(page_alive[None, :] > 0, x, tl.where(ok, tl.exp(x - m[:, None]), 0.0))
             pblk = tl.load(BT + b * stride_bt + pg, mask=vmc_ok, other=0).to(tl.int64)
             sums = tl.load(VSUM + pblk[:, None] * stride_vsb + g * stride_vsh + d[None, :],
                            mask=vmc_ok[:, None] & d_ok[None, :], other=0.0)
@@ -343,8 +357,8 @@ def _topt_combine_kernel(
     sparse_row = n > k_target
 
     acc = tl.zeros([GP, DP], tl.float32)
-    v_mean = tl.zeros([GP, DP], tl.float32)
-    dropped = tl.zeros([GP], tl.float32)
+    dropped_v = tl.zeros([GP, DP], tl.float32)  # block-wise VMC: Σ_b d_b · mean(V of b)
+    dropped = tl.zeros([GP], tl.float32)  # and Σ_b d_b
     for sg in range(NSEG):
         part = b * stride_pb + h * stride_ph + sg
         if DENSE:
@@ -360,8 +374,8 @@ def _topt_combine_kernel(
             # A segment that dropped nothing adds nothing to Σ_b d_b · mean_b.
             d_s = tl.load(PDROP + part, mask=head_ok, other=0.0)
             dropped += d_s
-            v_mean += tl.load(PVMEAN + part[:, None] * DP + d[None, :], mask=(head_ok & (d_s > 0.0))[:, None],
-                              other=0.0)
+            dropped_v += tl.load(PVMEAN + part[:, None] * DP + d[None, :], mask=(head_ok & (d_s > 0.0))[:, None],
+                                 other=0.0)
 
     kv_part = b * stride_kvpb + g * stride_kvph + segs
     if DENSE:
@@ -388,13 +402,14 @@ def _topt_combine_kernel(
         out = acc / denom[:, None]
         if VMC:
             # VMC on rows the threshold applied to; elsewhere the kept weights sum to 1.
-            weight = tl.where(sparse_row, 1.0 - s_kept / denom, 0.0)
             if BLOCK_VMC:
-                # Each page's mean in proportion to the mass it dropped; nothing dropped: v_mean = 0.
-                out += weight[:, None] * v_mean / tl.maximum(dropped, _FLT_MIN)[:, None]
+                # Each page's mean in proportion to the mass it dropped (nothing dropped: no term).
+                v_mean = dropped_v / tl.maximum(dropped, _FLT_MIN)[:, None]
             else:
                 v_sum = tl.sum(tl.load(PVSUM + kv_part[:, None] * DP + d[None, :]), axis=0)
-                out += weight[:, None] * (v_sum / tl.maximum(n, 1).to(tl.float32))[None, :]
+                v_mean = (v_sum / tl.maximum(n, 1).to(tl.float32))[None, :]
+            weight = tl.where(sparse_row, 1.0 - s_kept / denom, 0.0)
+            out += weight[:, None] * v_mean
         kept = tl.sum(tl.where(head_ok, n_kept, 0), axis=0)
         rows_read = tl.sum(tl.load(PROWS + kv_part), axis=0)
         pages_read = tl.sum(tl.load(PPAGES + kv_part), axis=0)
@@ -450,11 +465,13 @@ class ToptScratch:
     Per-segment buffers are flat, sized for `capacity` = max over launches of
     batch x segments, and viewed per launch; `block_max` holds, per decode row,
     per head and per page, the page's max score ([max_batch, H, max_pages] float32).
-    `block_vmc` (a layer with block-wise VMC will launch): also `block_lse`, the
-    pages' log-sum-exp (as `block_max`), and the per-segment block-VMC sums.
+    `block_vmc` (a layer with block-wise VMC will launch): also the pages'
+    log-sum-exp and the per-segment block-VMC sums.
     """
 
-    block_max: torch.Tensor
+    # [1 or, with block-wise VMC, 2, max_batch, H, max_pages]: the pages' max score and log-sum-exp, in
+    # one buffer so that the kernels reach both from one pointer (a second one costs registers).
+    page_stats: torch.Tensor
     num_heads: int
     num_kv_heads: int
     head_size: int
@@ -462,7 +479,6 @@ class ToptScratch:
     flat_f32: torch.Tensor
     flat_i32: torch.Tensor
     dummy: torch.Tensor  # stands in for absent optional inputs
-    block_lse: torch.Tensor | None = None  # block-wise VMC only: as large as block_max
 
     @classmethod
     def allocate(cls, max_batch: int, num_heads: int, num_kv_heads: int, head_size: int, max_pages: int,
@@ -471,19 +487,22 @@ class ToptScratch:
         dp = triton.next_power_of_2(head_size)
         f32 = capacity * (num_heads * (3 + dp) + num_kv_heads * dp + (num_heads * (1 + dp) if block_vmc else 0))
         i32 = capacity * (num_heads + 2 * num_kv_heads)
-        pages = (max_batch, num_heads, max(max_pages, 1))
+        planes = 2 if block_vmc else 1
         return cls(
-            block_max=torch.empty(pages, dtype=torch.float32, device=device),
+            page_stats=torch.empty(planes, max_batch, num_heads, max(max_pages, 1), dtype=torch.float32, device=device),
             num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, capacity=capacity,
             flat_f32=torch.empty(f32, dtype=torch.float32, device=device),
             flat_i32=torch.empty(i32, dtype=torch.int32, device=device),
             dummy=torch.zeros(1, dtype=torch.float32, device=device),
-            block_lse=torch.empty(pages, dtype=torch.float32, device=device) if block_vmc else None,
         )
 
     @property
+    def block_max(self) -> torch.Tensor:
+        return self.page_stats[0]
+
+    @property
     def block_vmc(self) -> bool:
-        return self.block_lse is not None
+        return self.page_stats.shape[0] == 2
 
     def segments(self, batch: int, segments: int) -> SegmentBuffers:
         if batch * segments > self.capacity:
@@ -608,16 +627,18 @@ def decode_launch(
     dot_prec = "ieee" if dot_fp32 else None  # None: the default (tensor cores) for bf16/fp16
     scores = dict(PAGES=pages, SOFTCAP=soft_cap, DENSE=dense, BLOCK_VMC=block_vmc, DOT_FP32=dot_fp32,
                   DOT_PREC=dot_prec, **common, **kernel_opts)
+    if block_vmc and not INTERPRETED:
+        # With the pages' log-sum-exp this kernel needs 50-64 registers, where ptxas (Triton 3.6 and 3.9)
+        # aims at 48 (five CTAs per SM) and spills a few bytes; this ceiling (four CTAs) keeps it spill-free.
+        scores["maxnreg"] = SCORES_MAXNREG_BLOCK_VMC
     sparse = None
     if not dense:
         sparse = dict(PAGES=pages, SOFTCAP=soft_cap, POST=post, VMC=vmc, BLOCK_VMC=block_vmc,
                       ROW_GATHER=row_gather, DOT_FP32=dot_fp32, DOT_PREC=dot_prec, **common, **kernel_opts)
-        if head_size > 128 and not INTERPRETED:
-            # At d=256 ptxas (Triton 3.9, sm_80/sm_90) caps this kernel at 128 registers and spills a few
-            # bytes; a higher ceiling keeps it spill-free (tests/test_triton_compile.py).
-            sparse["maxnreg"] = SPARSE_MAXNREG_D256
-        if block_vmc and head_size <= 128 and not INTERPRETED:
-            sparse["maxnreg"] = 128
+        if (head_size > 128 or block_vmc) and not INTERPRETED:
+            # At d=256, or with block-wise VMC, ptxas (sm_80/sm_90) caps this kernel at 128 registers and
+            # spills a few bytes; a higher ceiling keeps it spill-free (tests/test_triton_compile.py).
+            sparse["maxnreg"] = SPARSE_MAXNREG
     combine = dict(DENSE=dense, POST=post, SDC=rule.sdc.code, VMC=vmc, BLOCK_VMC=block_vmc, COUNT=count,
                    **common, num_warps=4)
     return DecodeLaunch(tile_tokens, nseg, scores, sparse, combine)
@@ -700,22 +721,23 @@ def topt_decode(
     stride_kvpb, stride_kvph = sc.seg_rows.stride(0), sc.seg_rows.stride(1)
     theta_t = scratch.dummy if dense else theta
     vsum_t = v_block_sums if vmc else scratch.dummy
-    # Block-wise VMC's buffers (BLSE has block_max's layout and strides); dummies for other rules.
-    blse, vmean, dropped = (scratch.block_lse, sc.seg_vmean, sc.seg_dropped) if block_vmc else (scratch.dummy,) * 3
+    # Block-wise VMC's buffers; dummies for other rules.
+    vmean, dropped = (sc.seg_vmean, sc.seg_dropped) if block_vmc else (scratch.dummy,) * 2
+    stride_bmp = scratch.page_stats.stride(0) if block_vmc else 0
 
     _topt_scores_kernel[(B, H_kv, nseg)](
-        query, key_cache, value_cache, block_table, seq_lens, bmax, blse, sc.seg_max, sc.seg_sum, sc.seg_acc,
+        query, key_cache, value_cache, block_table, seq_lens, bmax, sc.seg_max, sc.seg_sum, sc.seg_acc,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), bmax.stride(0), bmax.stride(1),
         stride_pb, stride_ph,
-        scale, soft_cap,
+        scale, soft_cap, stride_bmp,
         **launch.scores,
     )
     if not dense:
         _topt_sparse_kernel[(B, H_kv, nseg)](
-            query, key_cache, value_cache, block_table, seq_lens, theta_t, vsum_t, bmax, blse,
+            query, key_cache, value_cache, block_table, seq_lens, theta_t, vsum_t, bmax,
             sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum, vmean, dropped,
             sc.seg_rows, sc.seg_pages,
             query.stride(0), query.stride(1),
@@ -724,7 +746,7 @@ def topt_decode(
             block_table.stride(0), bmax.stride(0), bmax.stride(1),
             stride_pb, stride_ph, stride_kvpb, stride_kvph,
             theta_t.stride(0), vsum_t.stride(0), vsum_t.stride(1) if vmc else 0,
-            scale, soft_cap, rule.k,
+            scale, soft_cap, rule.k, stride_bmp,
             **launch.sparse,
         )
     cnt = counters if counters is not None else scratch.dummy
