@@ -8,6 +8,7 @@ Triton kernels run in the interpreter, and the engine config is a stub.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -74,7 +75,11 @@ def decode_metadata(seq_lens, block_table, scratch, num_segments=2):
                                 topt_scratch=scratch, topt_theta=torch.zeros(4, H))
 
 
-def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt):
+@pytest.mark.parametrize("vmc_scope", ["sequence", "block"])
+def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt, monkeypatch, vmc_scope):
+    plan = topt.for_layer(0)
+    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(replace(plan.rule, vmc_scope=vmc_scope),
+                                                                    plan.thresholds))
     impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
     lengths = [5, 40, 70]
     gen = torch.Generator().manual_seed(0)
@@ -102,7 +107,8 @@ def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt):
                                        atol=1e-4, rtol=1e-5)
 
     query = torch.randn(3, H, D, generator=gen)
-    scratch = td.ToptScratch.allocate(4, H, H_KV, D, max(pages), capacity=8, device="cpu")
+    scratch = td.ToptScratch.allocate(4, H, H_KV, D, max(pages), capacity=8, device="cpu",
+                                      block_vmc=vmc_scope == "block")
     meta = decode_metadata(lengths, block_table, scratch)
     output = torch.full((3, H, D), float("nan"))
     impl.forward(layer, query, query, query, kv_cache, meta, output)

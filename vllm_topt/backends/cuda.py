@@ -45,6 +45,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from vllm_topt import telemetry
+from vllm_topt.config.layers import process_config
 from vllm_topt.backends.core import (
     LayerState,
     ToptBackendMixin,
@@ -136,9 +137,12 @@ class ToptCudaMetadataBuilder(ToptBuilderMixin, TritonAttentionMetadataBuilder):
         max_pages = -(-vllm_config.model_config.max_model_len // self.block_size)
         segments = {b: choose_num_segments(b, self.num_heads_kv) for b in range(1, self.max_decodes + 1)}
         self.topt_segments = segments
+        # Block-wise VMC's page sums need their own buffers; allocated only when a layer uses it.
+        plans = process_config(vllm_config, self.num_heads_q).layers
         self.topt_scratch = ToptScratch.allocate(
             self.max_decodes, self.num_heads_q, self.num_heads_kv, self.headdim, max_pages,
             capacity=max(b * s for b, s in segments.items()), device=device,
+            block_vmc=any(plan.rule.block_vmc for plan in plans),
         )
         self.topt_theta = torch.zeros(self.max_decodes, self.num_heads_q, dtype=torch.float32, device=device)
         self._prepared_cache_ptr: int | None = None
