@@ -65,9 +65,9 @@ def check_coverage(report: dict) -> None:
         assert kernels == set(aot.KERNELS), target
     # Every flag value of every kernel occurs (rules, soft-cap, SDC codes, block sizes, segments).
     for kernel, flags in {
-        "_topt_scores_kernel": ("DENSE", "SOFTCAP", "BS", "NSEG"),
-        "_topt_sparse_kernel": ("POST", "VMC", "SOFTCAP", "BS", "NSEG"),
-        "_topt_combine_kernel": ("DENSE", "POST", "SDC", "VMC", "NSEG"),
+        "_topt_scores_kernel": ("DENSE", "SOFTCAP", "BLOCK_VMC", "BS", "NSEG"),
+        "_topt_sparse_kernel": ("POST", "VMC", "BLOCK_VMC", "SOFTCAP", "BS", "NSEG"),
+        "_topt_combine_kernel": ("DENSE", "POST", "SDC", "VMC", "BLOCK_VMC", "NSEG"),
     }.items():
         for flag in flags:
             values = {r["constexprs"][flag] for r in results if r["kernel"] == kernel}
