@@ -15,6 +15,10 @@ across n onto a geometric grid (per layer, from that layer's k), and write the
 threshold file. Finally apply the thresholds to held-out text and report
 kept/k and the densities.
 
+With --budget-k, a dense profile pass first allocates each layer's k under
+that mean (calibration/budget.py); the thresholds are then calibrated per
+layer as with --layer-k.
+
 Sliding-window layers (Gemma-2/3's local layers, read from the model config)
 run with their window and are recorded as dense, with the reason, since the
 dense kernel serves them.
@@ -44,9 +48,9 @@ from tqdm import tqdm
 from vllm_topt import __version__
 from vllm_topt.calibration.attention import ATTN_IMPL_NAME, CalibrationSession, register_attention, set_session
 from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from vllm_topt.calibration.budget import DEFAULT_CANDIDATES, Allocation, allocate, relative_errors
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
-from vllm_topt.calibration.budget import DEFAULT_CANDIDATES, Allocation, allocate, relative_errors
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
 from vllm_topt.config.support import (
     UnsupportedModelError,
@@ -64,6 +68,7 @@ from vllm_topt.config.thresholds import (
 )
 
 PROG = "vllm-topt-calibrate"
+DEFAULT_K = 32
 STD_WEIGHT = 0.1  # the paper's mean + 0.1·std
 SMOOTH_HALF_WIDTH = 0.15  # smoothing window in ln(n) on each side of a grid point
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="calibration text (repeatable): a .jsonl file ('text' or chat 'messages' per line), a "
                         "plain-text file, or a folder of .txt/.md/.jsonl files; default: BBC News 2004-05")
-    p.add_argument("--k", type=int, default=32, help="target kept elements per row (default 32)")
+    p.add_argument("--k", type=int, default=None, help=f"target kept elements per row (default {DEFAULT_K})")
     p.add_argument("--placement", choices=[p.value for p in Placement], default=Placement.POST_SOFTMAX.value)
     p.add_argument("--sdc", choices=[s.value for s in Sdc], default=None,
                    help="softmax denominator compensation (pre-softmax only; default exact there)")
@@ -136,8 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sdc is None:
         args.sdc = "exact" if args.placement == "pre-softmax" else "none"
-    if args.budget_k is not None:
-        args.k = args.budget_k  # the file's target_k; the layers get their own
+    if args.budget_k is not None and args.k is not None:
+        raise CalibrationError(f"--k {args.k} and --budget-k {args.budget_k}: give one (--budget-k sets the mean k "
+                               "and allocates each layer's)")
+    if args.k is None:
+        args.k = DEFAULT_K if args.budget_k is None else args.budget_k  # the file's target_k
     return args
 
 

@@ -120,6 +120,7 @@ def test_bad_budget_arguments_are_refused_before_the_weights_load(tmp_path, monk
     monkeypatch.setattr(calibrate, "load_weights", lambda *a, **k: pytest.fail("weights loaded before the checks"))
     out = ["--model", MODEL, "--out", str(tmp_path / "x.json"), "--seq-len", "512"]
     assert "drop --layer-k" in refusal([*out, "--budget-k", "32", "--layer-k", "0:64"])
+    assert "--k 64 and --budget-k 32: give one" in refusal([*out, "--budget-k", "32", "--k", "64"])
     assert "--budget-k 4 is outside --budget-candidates 8 .. 256" in refusal([*out, "--budget-k", "4"])
     assert "--budget-candidates 600: --seq-len 512" in refusal([*out, "--budget-k", "32",
                                                                  "--budget-candidates", "16,32,600"])
