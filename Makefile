@@ -14,7 +14,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 4
 export VLLM_CPU_OMP_THREADS_BIND ?= $(shell $(PYTHON) -c "import os; c = sorted(os.sched_getaffinity(0)); \
 	print(','.join(map(str, c)) if 2 <= len(c) <= 4 else 'auto')")
 
-.PHONY: setup serve test calibrate-default clean
+.PHONY: setup serve test calibrate-default calibrate-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ calibrate-default: setup
 	$(VPY) -m calibration.calibrate --model $(MODEL) --name SmolLM2-135M-Instruct --k 32 \
 		--num-seqs 40 --seq-len 1024 --heldout-seqs 8 \
 		--out configs/smollm2-135m-instruct.k32.post-softmax.json
+
+# Rebuild its quality file: a per-layer budget at mean k=48 (about 15 minutes alone on 2 cores).
+calibrate-quality: setup
+	$(VPY) -m calibration.calibrate --model $(MODEL) --name smollm2-135m-instruct --budget-k 48 \
+		--vmc-scope block --num-seqs 40 --seq-len 1024 --heldout-seqs 8 \
+		--out configs/smollm2-135m-instruct.k48.post-softmax.quality.json
 
 clean:
 	rm -rf $(VENV) models .cache
