@@ -68,8 +68,9 @@ def resolve_thresholds(options: ToptOptions, hf_config, model_name: str) -> tupl
             raise ThresholdFileError(
                 f"TOPT ships no quality threshold file for model {model_name} (shipped: "
                 f"{', '.join(p.name for p in shipped_config_files() if p.name.endswith(QUALITY_SUFFIX))}). "
-                "Drop \"operating_point\" for the k=32 file, or calibrate a larger k with "
-                f"`vllm-topt-calibrate --model {model_name} --k 48 --out thresholds.json` and pass it as \"thresholds\"."
+                "Drop \"operating_point\" for the k=32 file, or calibrate a quality point with "
+                f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json` "
+                "and pass it as \"thresholds\"."
             )
         if path is None:
             raise ThresholdFileError(
