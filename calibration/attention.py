@@ -194,10 +194,9 @@ def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, 
     top = min(max(session.profile_ks) + 1, domain.shape[-1])
     values, index = torch.topk(domain, top, dim=-1)  # one sort serves every candidate
     for i, k in enumerate(session.profile_ks):
-        short = (n <= k).to(p.device)
-        if bool(short.all()):
+        keep, theta = _topk_keep(domain, k, causal, (n <= k).to(p.device), (values, index))
+        if keep is None:
             continue  # every row has n <= k: nothing dropped, no error
-        keep, theta = _topk_keep(domain, k, causal, short, (values, index))
         out = _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, session.block_size)
         session.profile_error[layer, i] += float((out - dense_out).double().pow(2).sum())
 
