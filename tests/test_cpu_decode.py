@@ -9,7 +9,9 @@ import torch
 from tests.cases import RULES, rule_id
 from tests.paged import build_paged_batch
 from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, topt_decode_paged, update_v_block_sums
-from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
+from vllm_topt.kernels.cpu.cpp import (
+    TEAM_MODES, set_team_mode, team_counts, topt_decode_paged_cpp, update_v_block_sums_cpp,
+)
 from vllm_topt.method.rules import DensityCounts, ToptRule
 from vllm_topt.method.reference import topt_attention_reference
 
@@ -293,3 +295,42 @@ def test_head_size_256_on_captured_gemma(decode, gemma_model, gemma_capture, con
         assert_counts_close(fc, rc)
         torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
         assert fc.elements_kept < 0.5 * fc.elements_visible  # real sparsity on real tensors
+
+
+@pytest.fixture
+def team_mode():
+    """Sets the C++ kernel's team mode for one test (counts zeroed), adaptive again afterwards."""
+    def set_mode(mode):
+        set_team_mode(mode)
+        team_counts(reset=True)
+    yield set_mode
+    set_team_mode("adaptive")
+    team_counts(reset=True)
+
+
+@pytest.mark.parametrize("mode", TEAM_MODES)
+@pytest.mark.parametrize("rule", [r for r in RULES if not r.dense][:4], ids=rule_id)
+def test_cpp_team_modes_match_reference(team_mode, mode, rule):
+    """The whole thread team, the calling thread alone and the adaptive choice between them all
+    give the reference's output, and the kernel counts which one ran each call."""
+    team_mode(mode)
+    keys, values = random_sequences([2000, 700, 33, 5], 2, 64, seed=21)
+    query = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(22)) * 2
+    batch = build_paged_batch(keys, values, 32)
+    theta = thresholds_for(query, batch.keys, rule, 0.125, seed=23)
+    calls = 3
+    for _ in range(calls):
+        fast, fc, ref, rc = run_both(topt_decode_paged_cpp, query, batch, theta, rule, 0.125, 32)
+        assert_counts_close(fc, rc)
+        torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+    counts = team_counts()
+    assert counts.team_calls + counts.solo_calls == calls
+    team_runs = torch.get_num_threads() > 1 and mode != "solo"
+    if mode != "adaptive":  # adaptive: whichever the timings chose
+        assert counts.team_calls == (calls if team_runs else 0)
+        assert counts.solo_calls == (0 if team_runs else calls)
+
+
+def test_cpp_team_mode_refuses_unknown_names():
+    with pytest.raises(ValueError, match="one of adaptive, team, solo"):
+        set_team_mode("dynamic")

@@ -110,6 +110,27 @@ def update_v_block_sums_cpp(
     load_extension().update_v_block_sums.default(v_block_sums, value, slot_mapping.to(torch.int64), block_size)
 
 
+# How the kernel sizes each call's thread team (csrc/topt_cpu.cpp, TeamPolicy): "adaptive" (the
+# default) runs on the calling thread alone while the whole team keeps costing more than that would
+# (a core shared with another process), "team" and "solo" fix it, to measure one against the other.
+TEAM_MODES = ("adaptive", "team", "solo")
+
+
+def set_team_mode(mode: str) -> None:
+    """Team sizing for this thread's later calls (one of TEAM_MODES)."""
+    if mode not in TEAM_MODES:
+        raise ValueError(f"team mode {mode!r}: one of {', '.join(TEAM_MODES)}")
+    load_extension().set_team_mode.default(mode)
+
+
+def team_counts(reset: bool = False):
+    """This thread's calls so far: (team_calls, lost_team_calls, lost_windows, solo_calls), named;
+    `reset` zeroes them after reading."""
+    op = load_extension().team_counts.default
+    names = [r.name for r in op._schema.returns]
+    return collections.namedtuple("TeamCounts", names)(*op(reset))
+
+
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 

@@ -23,19 +23,21 @@
 #include <torch/all.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
-#if defined(__AVX2__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
-#include <sched.h>
-
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -61,6 +63,18 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
+
+// One step of a spin-wait. Never sched_yield(): with another process on the
+// core, the kernel hands that process the core for its whole time slice
+// (milliseconds, against a ~0.1 ms layer call), which made a busy machine cost
+// TOPT 5-30x (docs/cpu_contention.md).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
 
 // exp(x) for x <= 0 (scores minus the row max), written so GCC vectorises it:
 // exp(x) = 2^k * exp(r), r = x - k ln2 in [-ln2/2, ln2/2], degree-6 Taylor
@@ -184,12 +198,23 @@ inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound
 // Scores of G query heads against one K block stored [d][BS]. Heads go in
 // pairs and keys in 32-wide strips, so 2 x 4 accumulators of 8 lanes stay in
 // registers across the d-loop and hide the FMA latency; the block (in L1) is
-// re-read once per pair. s[g * s_stride + t] receives q_g . k_t.
+// re-read once per pair. s[g * s_stride + t] receives q_g . k_t. The first
+// pass over each strip also prefetches the same strip of `next` (the next K
+// block, or null) into L1: blocks sit at scattered addresses, so the hardware
+// prefetcher cannot run ahead of the block table, and one core's K stream is
+// otherwise bound by its miss latency.
 template <typename T, int BS>
-void block_scores(const float* q, const T* kb, float* s, int64_t G, int64_t d, int64_t s_stride) {
+void block_scores(const float* q, const T* kb, float* s, int64_t G, int64_t d, int64_t s_stride, const T* next) {
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float> && BS % 32 == 0) {
     for (int t0 = 0; t0 < BS; t0 += 32) {
+      if (next != nullptr) {
+        for (int64_t c = 0; c < d; ++c) {
+          const float* p = next + c * BS + t0;
+          _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
+        }
+      }
       int64_t g = 0;
       for (; g + 1 < G; g += 2) {
         const float* q0 = q + g * d;
@@ -327,11 +352,14 @@ void score_chunk(const Problem<T>& P, const Task& task, Partial* part) {
   for (int64_t g = 0; g < P.G; ++g) part[g].max = kNegInf, part[g].exp_sum = 0.f;
   for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
     const T* kb = P.key_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
+    const T* next = blk + 1 < task.blk_end
+                        ? P.key_cache + table[blk + 1] * P.cache_block_stride + task.h * P.cache_head_stride
+                        : nullptr;
     float* sb = s0 + blk * P.bs;
     switch (P.bs) {
-      case 32: block_scores<T, 32>(q, kb, sb, P.G, P.d, stride); break;
-      case 64: block_scores<T, 64>(q, kb, sb, P.G, P.d, stride); break;
-      case 128: block_scores<T, 128>(q, kb, sb, P.G, P.d, stride); break;
+      case 32: block_scores<T, 32>(q, kb, sb, P.G, P.d, stride, next); break;
+      case 64: block_scores<T, 64>(q, kb, sb, P.G, P.d, stride, next); break;
+      case 128: block_scores<T, 128>(q, kb, sb, P.G, P.d, stride, next); break;
       default: block_scores_any<T>(q, kb, sb, P.G, P.d, P.bs, stride);
     }
     // Online softmax over the chunk while the block's scores are still in L1.
@@ -495,9 +523,10 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
 
 // Chunks small enough to give every thread several tasks, large enough to
 // amortise the per-task work.
-std::vector<Task> make_tasks(const int64_t* seq_block_offset, int64_t B, int64_t Hkv, std::vector<int64_t>& first_task) {
+std::vector<Task> make_tasks(const int64_t* seq_block_offset, int64_t B, int64_t Hkv, int threads,
+                             std::vector<int64_t>& first_task) {
   const int64_t total = seq_block_offset[B] * Hkv;
-  const int64_t target_tasks = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target_tasks = 4 * static_cast<int64_t>(threads);
   const int64_t chunk = std::clamp<int64_t>((total + target_tasks - 1) / target_tasks, 4, 128);
   std::vector<Task> tasks;
   first_task.assign(B * Hkv + 1, 0);
@@ -579,18 +608,91 @@ void finish_group(const Problem<T>& P, int64_t bh, int64_t t0, int64_t t1, const
   cnt[3] = thresholded ? kept_all : 0;
 }
 
+// How many threads each call's parallel region gets. The whole team (ATen's
+// thread count) by default; but a team call cannot end before every thread of
+// the team has checked in, and a thread that shares its core with another
+// process is off the core for whole time slices (milliseconds, against a
+// 0.1-1 ms layer call). So each team call measures what the team cost against
+// what the calling thread alone would have taken (its own time per unit of
+// work, times the whole work). Calls go in windows: when a window of team
+// calls cost more in all than the calling thread alone would have, the next
+// calls run on the calling thread alone, then a window of team calls probes
+// again; the solo stretch doubles while the probes keep losing. One long stall
+// on an idle machine (an interrupt, a short-lived process) does not outweigh a
+// window of team gains; a core lost to another process stalls call after call.
+class TeamPolicy {
+ public:
+  static constexpr int64_t kWindow = 32;  // team calls per verdict: about one decode step of a small model
+  static constexpr int64_t kFirstSoloStretch = 32;
+  static constexpr int64_t kLongestSoloStretch = 512;
+
+  // adaptive: as above; team: always the whole team; solo: always the calling
+  // thread (for measuring one against the other, and for tests).
+  enum class Mode { kAdaptive, kTeam, kSolo };
+
+  int threads(int team) const {
+    return mode_ == Mode::kSolo || (mode_ == Mode::kAdaptive && solo_left_ > 0) ? 1 : team;
+  }
+  // After every call: `team_seconds` the team's wall time, `solo_seconds` the
+  // calling thread's estimate of the same work alone (< 0: no estimate).
+  void record(int threads, double team_seconds, double solo_seconds) {
+    if (threads == 1) {
+      solo_calls_ += 1;
+      if (solo_left_ > 0) solo_left_ -= 1;
+      return;
+    }
+    team_calls_ += 1;
+    if (solo_seconds < 0) return;
+    lost_calls_ += team_seconds > solo_seconds;
+    window_excess_ += team_seconds - solo_seconds;
+    if (++window_calls_ < kWindow) return;
+    if (window_excess_ > 0) {
+      lost_windows_ += 1;
+      solo_left_ = stretch_;
+      stretch_ = std::min(2 * stretch_, kLongestSoloStretch);
+    } else {
+      stretch_ = kFirstSoloStretch;
+    }
+    window_calls_ = 0, window_excess_ = 0;
+  }
+  void set_mode(Mode mode) {
+    mode_ = mode, solo_left_ = 0, window_calls_ = 0, window_excess_ = 0, stretch_ = kFirstSoloStretch;
+  }
+  std::tuple<int64_t, int64_t, int64_t, int64_t> counts() const {
+    return {team_calls_, lost_calls_, lost_windows_, solo_calls_};
+  }
+  void reset_counts() { team_calls_ = lost_calls_ = lost_windows_ = solo_calls_ = 0; }
+
+ private:
+  Mode mode_ = Mode::kAdaptive;
+  int64_t solo_left_ = 0, stretch_ = kFirstSoloStretch, window_calls_ = 0;
+  double window_excess_ = 0;  // Σ (team - solo estimate) seconds over the window so far
+  int64_t team_calls_ = 0, lost_calls_ = 0, lost_windows_ = 0, solo_calls_ = 0;
+};
+
+// One per calling thread (vLLM's model runner calls from one).
+TeamPolicy& team_policy() {
+  thread_local TeamPolicy policy;
+  return policy;
+}
+
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
 // One parallel region per call, no barrier between phases. Threads claim
 // tasks in order from shared counters (a thread that the OS deschedules holds
 // at most one task, and the others take the rest); the thread that finishes
 // the last score chunk of a (sequence, KV head) combines its heads, and the
 // one that finishes its last value chunk completes it (phase C). A value
-// chunk whose group is not combined yet waits, yielding the core, for the one
-// score chunk still running. A busy machine then costs TOPT what it costs a
-// single-barrier kernel, instead of three fork/join barriers per layer.
+// chunk whose group is not combined yet spins (cpu_relax) for the one score
+// chunk still running. The region's size comes from TeamPolicy.
 template <typename T>
 void run(Problem<T>& P) {
+  TeamPolicy& policy = team_policy();
+  const int team = static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
   std::vector<int64_t> first_task;
-  const std::vector<Task> tasks = make_tasks(P.seq_block_offset, P.B, P.Hkv, first_task);
+  const std::vector<Task> tasks = make_tasks(P.seq_block_offset, P.B, P.Hkv, policy.threads(team), first_task);
   const int64_t num_tasks = static_cast<int64_t>(tasks.size()), G = P.G, d = P.d, BH = P.B * P.Hkv;
   std::vector<Partial> parts(num_tasks * G);
   std::vector<HeadState> heads(BH * G);
@@ -617,12 +719,20 @@ void run(Problem<T>& P) {
     if (count == 0) combine_group(bh), finish(bh);  // an empty row: nothing to share
   }
   std::atomic<int64_t> next_score{0}, next_value{0};
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks)));
+  const int threads = static_cast<int>(std::min<int64_t>(policy.threads(team), std::max<int64_t>(1, num_tasks)));
+  // What the calling thread (OpenMP's thread 0) did: blocks of work (a score and a
+  // value task each weigh their blocks), and seconds spent waiting for another thread.
+  int64_t caller_blocks = 0;
+  double caller_waited = 0;
+  Clock::time_point caller_done;
+  const Clock::time_point start = Clock::now();
 #pragma omp parallel num_threads(threads)
   {
+    const bool caller = omp_get_thread_num() == 0;
     for (int64_t i; (i = next_score.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
       score_chunk(P, tasks[i], &parts[i * G]);
       const int64_t bh = tasks[i].b * P.Hkv + tasks[i].h;
+      if (caller) caller_blocks += tasks[i].blk_end - tasks[i].blk_begin;
       if (scores_left[bh].fetch_sub(1, std::memory_order_acq_rel) == 1) {
         combine_group(bh);
         combined[bh].store(true, std::memory_order_release);
@@ -631,12 +741,23 @@ void run(Problem<T>& P) {
     for (int64_t i; (i = next_value.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
       const Task& task = tasks[i];
       const int64_t bh = task.b * P.Hkv + task.h;
-      while (!combined[bh].load(std::memory_order_acquire)) sched_yield();
+      if (!combined[bh].load(std::memory_order_acquire)) {
+        const Clock::time_point wait_start = Clock::now();
+        while (!combined[bh].load(std::memory_order_acquire)) cpu_relax();
+        if (caller) caller_waited += seconds_since(wait_start);
+      }
       value_chunk(P, task, &heads[bh * G], &parts[i * G], &partial_out[i * G * d],
                   P.vmc ? &partial_mean[i * mean_width] : nullptr, &rows_read[i], &blocks_read[i]);
+      if (caller) caller_blocks += task.blk_end - task.blk_begin;
       if (values_left[bh].fetch_sub(1, std::memory_order_acq_rel) == 1) finish(bh);
     }
+    if (caller) caller_done = Clock::now();
   }
+  const double team_seconds = seconds_since(start);
+  const double caller_working = std::chrono::duration<double>(caller_done - start).count() - caller_waited;
+  const int64_t all_blocks = 2 * P.seq_block_offset[P.B] * P.Hkv;
+  policy.record(threads, team_seconds,
+                caller_blocks > 0 ? caller_working * static_cast<double>(all_blocks) / caller_blocks : -1.0);
 }
 
 // Scores of every sequence (and block-wise VMC's per-block log-sum-exp),
@@ -762,6 +883,20 @@ void update_v_block_sums(const torch::Tensor& v_block_sums, const torch::Tensor&
   }
 }
 
+// TeamPolicy of the calling thread: its calls so far (then zeroed if `reset`),
+// and a switch for measuring a fixed team against the adaptive one.
+std::tuple<int64_t, int64_t, int64_t, int64_t> team_counts(bool reset) {
+  const auto counts = team_policy().counts();
+  if (reset) team_policy().reset_counts();
+  return counts;
+}
+
+void set_team_mode(const std::string& mode) {
+  using Mode = TeamPolicy::Mode;
+  TORCH_CHECK(mode == "adaptive" || mode == "team" || mode == "solo", "team mode: adaptive, team or solo, not ", mode);
+  team_policy().set_mode(mode == "team" ? Mode::kTeam : mode == "solo" ? Mode::kSolo : Mode::kAdaptive);
+}
+
 // The typed ops: named arguments (Python may pass them by keyword) and named
 // results; vllm_topt/kernels/cpu/cpp.py reads the result names from this schema.
 TORCH_LIBRARY(vllm_topt, m) {
@@ -773,4 +908,6 @@ TORCH_LIBRARY(vllm_topt, m) {
   m.impl("topt_decode", torch::kCPU, &topt_decode);
   m.def("update_v_block_sums(Tensor(a!) v_block_sums, Tensor value, Tensor slot_mapping, int block_size) -> ()");
   m.impl("update_v_block_sums", torch::kCPU, &update_v_block_sums);
+  m.def("team_counts(bool reset) -> (int team_calls, int lost_team_calls, int lost_windows, int solo_calls)", &team_counts);
+  m.def("set_team_mode(str mode) -> ()", &set_team_mode);
 }
