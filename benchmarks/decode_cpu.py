@@ -24,7 +24,13 @@ sequence, and its deviation from dense attention.
 
 `--load 0 1` times every case on an idle machine and again with one competing
 single-threaded busy process (started and stopped by the script), as a server's
-other processes and tenants compete for the cores.
+other processes and tenants compete for the cores. The kernel sizes its thread
+team per call (csrc/topt_cpu.cpp, TeamPolicy): "solo %" is the share of TOPT's
+calls it ran on the calling thread alone, and `--fixed-team` also times TOPT
+with the whole team on every call, same run, for what the adaptive team buys.
+`--bind` pins the OpenMP threads one per core, as `vllm serve` does
+(OMP_PROC_BIND/OMP_PLACES from VLLM_CPU_OMP_THREADS_BIND); without it the OS
+places them, as the threads of a plain PyTorch program.
 """
 
 from __future__ import annotations
@@ -35,21 +41,40 @@ import functools
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vllm_topt.plugin import every_core_binding  # noqa: E402
+
+BIND_MARK = "TOPT_BENCH_BOUND"  # set once the process runs with the binding
+
+
+def rerun_bound_if_asked() -> None:
+    """`--bind`: OpenMP reads its binding when it loads (with torch), so start again with it set."""
+    if "--bind" not in sys.argv or os.environ.get(BIND_MARK):
+        return
+    cpus = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or every_core_binding() or ",".join(
+        map(str, sorted(os.sched_getaffinity(0))))
+    env = dict(os.environ, OMP_PROC_BIND="true", OMP_PLACES="{" + cpus.replace(",", "},{") + "}",
+               **{BIND_MARK: cpus})
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+rerun_bound_if_asked()
+
+import torch  # noqa: E402
+from tqdm import tqdm
+
 from vllm import _custom_ops as ops
 
-from vllm_topt.kernels.cpu.cpp import topt_decode_paged_cpp, update_v_block_sums_cpp
+from vllm_topt.kernels.cpu.cpp import set_team_mode, team_counts, topt_decode_paged_cpp, update_v_block_sums_cpp
 from vllm_topt.method.rules import DensityCounts, ToptRule
 from vllm_topt.config.thresholds import load_threshold_file
 
@@ -222,7 +247,14 @@ def run(args) -> list[dict]:
             t_dense = time_steps(functools.partial(dense_step, batch, scale, out_dense), args.repeats)
             t_off = time_steps(functools.partial(topt_step, batch, scale, dense_rules, [None] * L, out_off),
                                args.repeats)
+            team_counts(reset=True)
             t_topt = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt), args.repeats)
+            calls = team_counts(reset=True)
+            if args.fixed_team:
+                set_team_mode("team")
+                t_fixed = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt),
+                                     args.repeats)
+                set_team_mode("adaptive")
             if args.block_vmc:
                 out_block = [torch.empty(bsz, H, d) for _ in range(L)]
                 t_block = time_steps(functools.partial(topt_step, batch, scale, block_rules, tables, out_block),
@@ -235,12 +267,15 @@ def run(args) -> list[dict]:
             "cpu_attn_ms": 1e3 * t_dense, "topt_off_ms": 1e3 * t_off, "topt_ms": 1e3 * t_topt,
             "speedup_topt": t_dense / t_topt, "speedup_topt_off": t_dense / t_off,
             "ceiling": bound, "of_ceiling": (t_dense / t_topt) / bound,
+            "solo_calls": calls.solo_calls / max(1, calls.solo_calls + calls.team_calls),
             "element_density": counts.element_density, "v_row_density": counts.v_row_density,
             "v_block_density": counts.v_block_density, "kept_over_k": counts.kept_over_k,
             "rel_err_topt_off": relative_error(out_off, out_dense),
             "rel_err_topt": relative_error(out_topt, out_dense),
             "kv_cache_mb": 2 * kv_bytes / 2**20,
         })
+        if args.fixed_team:
+            rows[-1] |= {"topt_fixed_team_ms": 1e3 * t_fixed, "speedup_topt_fixed_team": t_dense / t_fixed}
         if args.block_vmc:
             topt_step(batch, scale, block_rules, tables, out_block)
             rows[-1] |= {"topt_block_vmc_ms": 1e3 * t_block, "block_vmc_over_topt": t_block / t_topt,
@@ -251,23 +286,31 @@ def run(args) -> list[dict]:
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     cols = ("ctx", "B", "load", "CPU_ATTN ms", "TOPT off ms", "TOPT ms", "TOPT x", "off x", "ceiling",
-            "of ceiling", "elem %", "V row %", "V blk %", "kept/k", "err off", "err TOPT")
+            "of ceiling", "solo %", "elem %", "V row %", "V blk %", "kept/k", "err off", "err TOPT")
+    fixed = "topt_fixed_team_ms" in rows[0]
     block = "topt_block_vmc_ms" in rows[0]
+    cols += ("fixed-team ms", "fixed-team x") if fixed else ()
     cols += ("block-VMC ms", "block/TOPT time", "err block-VMC") if block else ()
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
-        extra = [f"{r['topt_block_vmc_ms']:.2f}", f"{r['block_vmc_over_topt']:.3f}",
-                 f"{r['rel_err_topt_block_vmc']:.3f}"] if block else []
+        extra = [f"{r['topt_fixed_team_ms']:.2f}", f"{r['speedup_topt_fixed_team']:.2f}"] if fixed else []
+        extra += [f"{r['topt_block_vmc_ms']:.2f}", f"{r['block_vmc_over_topt']:.3f}",
+                  f"{r['rel_err_topt_block_vmc']:.3f}"] if block else []
         kk = "-" if r["kept_over_k"] is None else f"{r['kept_over_k']:.2f}"
         print(" | ".join([
             str(r["context"]), str(r["batch"]), str(r["load"]), f"{r['cpu_attn_ms']:.2f}", f"{r['topt_off_ms']:.2f}",
             f"{r['topt_ms']:.2f}", f"{r['speedup_topt']:.2f}", f"{r['speedup_topt_off']:.2f}",
-            f"{r['ceiling']:.2f}", f"{100 * r['of_ceiling']:.0f}%",
+            f"{r['ceiling']:.2f}", f"{100 * r['of_ceiling']:.0f}%", f"{100 * r['solo_calls']:.0f}",
             f"{100 * r['element_density']:.1f}", f"{100 * r['v_row_density']:.1f}",
             f"{100 * r['v_block_density']:.1f}", kk, f"{r['rel_err_topt_off']:.1e}", f"{r['rel_err_topt']:.3f}",
             *extra,
         ]))
+
+
+def binding_label() -> str:
+    cpus = os.environ.get(BIND_MARK)
+    return f"OpenMP threads pinned to CPUs {cpus}" if cpus else "threads not pinned"
 
 
 def main(argv=None) -> None:
@@ -282,6 +325,10 @@ def main(argv=None) -> None:
                         help="competing single-threaded busy processes per timing (e.g. 0 1: idle and busy)")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="time only these layers (default: all), e.g. a model's full-attention layers")
+    parser.add_argument("--fixed-team", action="store_true",
+                        help="also time TOPT with the whole thread team on every call (no adaptive team), same run")
+    parser.add_argument("--bind", action="store_true",
+                        help="pin the OpenMP threads one per core, as vllm serve does")
     parser.add_argument("--block-vmc", action="store_true",
                         help="also time the thresholds with block-wise VMC (SPEC §4), same run")
     parser.add_argument("--threads", type=int, default=None)
@@ -293,13 +340,14 @@ def main(argv=None) -> None:
     model = file.model.name if file else Path(args.capture).stem
     which = "all layers" if args.layers is None else f"layers {', '.join(map(str, args.layers))}"
     header = (f"\n{model}: decode attention, {which} per step, median of {args.repeats}; "
-              f"{torch.get_num_threads()} threads; TOPT x = CPU_ATTN time / TOPT time; "
+              f"{torch.get_num_threads()} threads, {binding_label()}; TOPT x = CPU_ATTN time / TOPT time; "
               f"err = relative L2 deviation from CPU_ATTN's output; load = competing busy processes; "
-              f"ceiling = SPEC §5 bound at the measured V-row density")
+              f"ceiling = SPEC §5 bound at the measured V-row density; "
+              f"solo % = TOPT calls the adaptive team ran on the calling thread alone")
     print_table(rows, header)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": model, "threads": torch.get_num_threads(),
+        Path(args.json).write_text(json.dumps({"model": model, "threads": torch.get_num_threads(), "binding": binding_label(),
                                                "thresholds": args.thresholds, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
