@@ -36,11 +36,9 @@ places them, as the threads of a plain PyTorch program.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import sys
@@ -51,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from competing_load import competing_load  # noqa: E402  (benchmarks/, the script's folder)
 from vllm_topt.plugin import every_core_binding  # noqa: E402
 
 BIND_MARK = "TOPT_BENCH_BOUND"  # set once the process runs with the binding
@@ -160,26 +159,6 @@ def topt_step(batch: Batch, scale: float, rules, tables, outputs: list[torch.Ten
         )
         total.add(counts)
     return total
-
-
-def _busy_loop() -> None:
-    while True:
-        pass
-
-
-@contextlib.contextmanager
-def competing_load(processes: int):
-    """`processes` single-threaded busy loops for the duration (0: an idle machine)."""
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_busy_loop, daemon=True) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    try:
-        yield
-    finally:
-        for w in workers:
-            w.terminate()
-            w.join()
 
 
 def ceiling(v_row_density: float) -> float:

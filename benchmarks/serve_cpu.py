@@ -21,6 +21,10 @@ completions. Per (prompt length P, batch B):
   (new tokens - 1) over the time from the last first token to the last
   token; the best of `--repeats` runs counts.
 
+`--load 0 1` runs every case on an idle machine and again with one competing
+single-threaded busy process (started and stopped by the script around the
+case), as the API server's neighbours and other tenants share the cores.
+
 Requests are greedy; the table gives how many outputs equal dense's and the
 mean common prefix of the two texts (Top-θ changes the attention output, so
 greedy text drifts apart at some point; accuracy is measured by
@@ -46,6 +50,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from competing_load import competing_load  # noqa: E402  (benchmarks/, the script's folder)
 from vllm_topt.plugin import every_core_binding  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -155,17 +160,28 @@ def run_case(server: Server, ids: list[int], window: int, prompt_tokens: int, ba
     }
 
 
+def cases(args) -> list[tuple[int, int, int]]:
+    """(prompt tokens, batch, competing processes); each case reads its own window of the text."""
+    return [(p, b, load) for p in args.prompt_tokens for b in args.batch for load in args.load]
+
+
+def text_needed(args) -> int:
+    spans = [p + 2 * args.repeats * b * SUFFIX_TOKENS for p, b, _ in cases(args)]
+    return len(spans) * max(spans) * ((1 + args.repeats * max(args.batch)) if args.distinct else 1)
+
+
 def run_backend(backend: str, args, ids: list[int], workdir: Path) -> tuple[list[dict], dict | None]:
     stats_file = str(workdir / "topt_stats.json")
     max_len = max(args.prompt_tokens) + SUFFIX_TOKENS + args.new_tokens + 8
     server = Server(args.model, backend, max_len, max(args.batch), stats_file, workdir / f"{backend}.log")
     try:
         rows = []
-        cases = [(p, b) for p in args.prompt_tokens for b in args.batch]
-        for window, (prompt_tokens, batch) in enumerate(cases):
-            print(f"  {backend}: prompt {prompt_tokens}, batch {batch}", flush=True)
-            rows.append({"backend": backend, **run_case(server, ids, window, prompt_tokens, batch,
-                                                        args.new_tokens, args.repeats, args.distinct)})
+        for window, (prompt_tokens, batch, load) in enumerate(cases(args)):
+            print(f"  {backend}: prompt {prompt_tokens}, batch {batch}, load {load}", flush=True)
+            with competing_load(load):
+                row = run_case(server, ids, window, prompt_tokens, batch, args.new_tokens, args.repeats,
+                               args.distinct)
+            rows.append({"backend": backend, "load": load, **row})
         time.sleep(2)  # let the last telemetry tick land
     finally:
         server.stop()
@@ -174,7 +190,7 @@ def run_backend(backend: str, args, ids: list[int], workdir: Path) -> tuple[list
 
 
 def print_table(dense: list[dict], topt: list[dict]) -> None:
-    cols = ("prompt", "B", "CPU_ATTN tok/s", "TOPT tok/s", "TOPT x", "TTFT cold dense s", "TTFT cold TOPT s",
+    cols = ("prompt", "B", "load", "CPU_ATTN tok/s", "TOPT tok/s", "TOPT x", "TTFT cold dense s", "TTFT cold TOPT s",
             "TTFT batch dense s", "TTFT batch TOPT s", "same text", "common prefix")
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
@@ -182,7 +198,7 @@ def print_table(dense: list[dict], topt: list[dict]) -> None:
         same = sum(a == b for a, b in zip(d["texts"], t["texts"]))
         common = sum(len(os.path.commonprefix([a, b])) / max(len(a), 1) for a, b in zip(d["texts"], t["texts"]))
         print(" | ".join([
-            str(d["prompt_tokens"]), str(d["batch"]), f"{d['decode_tok_s']:.2f}", f"{t['decode_tok_s']:.2f}",
+            str(d["prompt_tokens"]), str(d["batch"]), str(d["load"]), f"{d['decode_tok_s']:.2f}", f"{t['decode_tok_s']:.2f}",
             f"{t['decode_tok_s'] / d['decode_tok_s']:.2f}", f"{d['ttft_cold_s']:.1f}", f"{t['ttft_cold_s']:.1f}",
             f"{d['ttft_batch_s']:.2f}", f"{t['ttft_batch_s']:.2f}", f"{same}/{d['batch']}",
             f"{100 * common / d['batch']:.0f}%",
@@ -198,13 +214,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="batch runs per case; the fastest counts")
     parser.add_argument("--distinct", action="store_true",
                         help="no shared prefix: every row gets its own prompt, prefilled in full")
+    parser.add_argument("--load", type=int, nargs="+", default=[0],
+                        help="competing single-threaded busy processes per case (e.g. 0 1: idle and busy)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     ids = heldout_ids(args.model)
-    spans = [p + 2 * args.repeats * b * SUFFIX_TOKENS for p in args.prompt_tokens for b in args.batch]
-    needed = len(spans) * max(spans) * ((1 + args.repeats * max(args.batch)) if args.distinct else 1)
-    if len(ids) < needed:
-        raise SystemExit(f"held-out text has {len(ids)} tokens; these cases need {needed}")
+    if len(ids) < text_needed(args):
+        raise SystemExit(f"held-out text has {len(ids)} tokens; these cases need {text_needed(args)}: "
+                         "run fewer cases per call (e.g. one --load or --prompt-tokens at a time) or --repeats 1")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         dense, _ = run_backend("CPU_ATTN", args, ids, workdir)
@@ -212,7 +229,7 @@ def main(argv=None) -> None:
     prompts = "distinct prompts" if args.distinct else "shared prefix"
     binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", every_core_binding() or "auto")
     print(f"\n{args.model.name}, float32, {os.cpu_count()} CPUs (engine OMP binding {binding!r}), "
-          f"{args.new_tokens} new tokens per request, {prompts}")
+          f"{args.new_tokens} new tokens per request, {prompts}; load = competing busy processes")
     print_table(dense, topt)
     if stats:
         t = stats["total"]
