@@ -231,9 +231,11 @@ def run(args) -> list[dict]:
             calls = team_counts(reset=True)
             if args.fixed_team:
                 set_team_mode("team")
-                t_fixed = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt),
-                                     args.repeats)
-                set_team_mode("adaptive")
+                try:
+                    t_fixed = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt),
+                                         args.repeats)
+                finally:
+                    set_team_mode("adaptive")
             if args.block_vmc:
                 out_block = [torch.empty(bsz, H, d) for _ in range(L)]
                 t_block = time_steps(functools.partial(topt_step, batch, scale, block_rules, tables, out_block),
