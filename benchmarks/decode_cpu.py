@@ -50,19 +50,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from competing_load import competing_load  # noqa: E402  (benchmarks/, the script's folder)
-from vllm_topt.plugin import every_core_binding  # noqa: E402
 
 BIND_MARK = "TOPT_BENCH_BOUND"  # set once the process runs with the binding
+
+
+def bound_cpus(threads_bind: str) -> list[int]:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND value ("0,2,4-7"); `auto`, empty or `nobind`: every allowed core."""
+    if threads_bind.strip() in ("", "auto", "nobind"):
+        return sorted(os.sched_getaffinity(0))
+    cpus = []
+    for part in threads_bind.replace("|", ",").split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def rerun_bound_if_asked() -> None:
     """`--bind`: OpenMP reads its binding when it loads (with torch), so start again with it set."""
     if "--bind" not in sys.argv or os.environ.get(BIND_MARK):
         return
-    cpus = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or every_core_binding() or ",".join(
-        map(str, sorted(os.sched_getaffinity(0))))
-    env = dict(os.environ, OMP_PROC_BIND="true", OMP_PLACES="{" + cpus.replace(",", "},{") + "}",
-               **{BIND_MARK: cpus})
+    cpus = bound_cpus(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    env = dict(os.environ, OMP_PROC_BIND="true", OMP_PLACES=",".join(f"{{{c}}}" for c in cpus),
+               **{BIND_MARK: ",".join(map(str, cpus))})
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
