@@ -59,6 +59,7 @@ def bound_cpus(threads_bind: str) -> list[int]:
     if threads_bind.strip() in ("", "auto", "nobind"):
         return sorted(os.sched_getaffinity(0))
     cpus = []
+    # vLLM separates tensor-parallel ranks' lists with "|"; this one process binds to all of them.
     for part in threads_bind.replace("|", ",").split(","):
         first, _, last = part.strip().partition("-")
         cpus.extend(range(int(first), int(last or first) + 1))
