@@ -14,7 +14,11 @@ RoPE already applied by the model), then, depending on the session's mode:
 - "profile": plain attention for the model, and for every thresholded layer and
   every candidate k in `profile_ks`, the squared error of that layer's top-k
   output (with the rule's compensation) against the dense output
-  (`profile_error`, over `profile_norm`): what per-layer budgets allocate from;
+  (`profile_error`, over `profile_norm`): what per-layer budgets allocate from.
+  With `profile_objective` "residual" the error is taken after the layer's
+  output projection (what is added to the residual stream) and divided, row
+  by row, by the squared norm of the residual stream entering the layer
+  (`ResidualNorms`); `profile_norm` then counts rows;
 - "dense": plain attention.
 
 In "apply" and "topk" modes the session also accumulates SPEC §7 density
@@ -64,6 +68,8 @@ class CalibrationSession:
     counts_by_layer: list[DensityCounts] = field(init=False)
     # "profile" mode: Σ ||o_topk - o||² per (layer, candidate k), and Σ ||o||² per layer.
     profile_ks: tuple[int, ...] = ()
+    profile_objective: str = "attention"  # or "residual": errors after o_proj, over the residual stream
+    residual_sq: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> ||h_t||² [B, T], this sequence
     profile_error: torch.Tensor = field(init=False)
     profile_norm: torch.Tensor = field(init=False)
 
@@ -116,7 +122,7 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
         r1 = min(r0 + step, T)
         out[:, :, r0:r1] = _attend_rows(session, layer, query[:, :, r0:r1].float(), k_all[:, :, :r1],
                                         v_all[:, :, :r1], v_prefix[:, :, :r1], r0, scale, key.shape[1],
-                                        window)
+                                        window, output_projection(session, module))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -125,7 +131,7 @@ def query_chunk_rows(session: "CalibrationSession", B: int, H: int, T: int) -> i
     return max(1, min(T, session.chunk_elements // max(B * H * T, 1)))
 
 
-def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_heads, window=None):
+def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_heads, window=None, out_proj=None):
     """Attention of query rows r0 .. r0+C-1 (row i sees keys 0..i, so n = i + 1) over keys [:r1];
     with a sliding window, row i sees keys i-window+1..i."""
     rule = session.rules[layer]
@@ -144,7 +150,7 @@ def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_he
 
     if session.mode == "profile" and not rule.dense:
         dense_out = p @ v_all
-        _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, dense_out)
+        _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, dense_out, out_proj)
         return dense_out
     if session.mode in ("dense", "profile") or rule.dense:
         keep, weights = None, p
@@ -187,10 +193,29 @@ def _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, blo
     return out
 
 
-def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, dense_out) -> None:
-    """Squared error of each candidate k's top-k output against the dense one (rows with n > k)."""
+def output_projection(session, module):
+    """The layer's o_proj weight [hidden, H·d] when profiling the residual objective, else None."""
+    if session.mode != "profile" or session.profile_objective != "residual":
+        return None
+    proj = getattr(module, "o_proj", None)
+    if proj is None:
+        raise ValueError(f"the residual budget objective needs the attention's o_proj; "
+                         f"{type(module).__name__} has none: use --budget-objective attention")
+    return proj.weight.detach().float()
+
+
+def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, dense_out, out_proj=None) -> None:
+    """Squared error of each candidate k's top-k output against the dense one (rows with n > k).
+
+    With `out_proj` ([hidden, H·d]) the error is mapped into the residual
+    stream first (o_proj is linear, so its bias cancels) and each row's error
+    is divided by that row's residual ||h||², so that no single token (a
+    massive-activation sink) sets a layer's weight; `ResidualNorms` counts
+    the rows in `profile_norm`.
+    """
     domain = p if rule.placement == "post-softmax" else scores
-    session.profile_norm[layer] += float(dense_out.double().pow(2).sum())
+    if out_proj is None:
+        session.profile_norm[layer] += float(dense_out.double().pow(2).sum())
     top = min(max(session.profile_ks) + 1, domain.shape[-1])
     values, index = torch.topk(domain, top, dim=-1)  # one sort serves every candidate
     for i, k in enumerate(session.profile_ks):
@@ -198,7 +223,14 @@ def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, 
         if keep is None:
             continue  # every row has n <= k: nothing dropped, no error
         out = _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, session.block_size)
-        session.profile_error[layer, i] += float((out - dense_out).double().pow(2).sum())
+        error = out - dense_out  # [B, H, C, d]
+        if out_proj is None:
+            session.profile_error[layer, i] += float(error.double().pow(2).sum())
+            continue
+        B, H, C, d = error.shape
+        residual = error.transpose(1, 2).reshape(B, C, H * d) @ out_proj.T  # [B, C, hidden]
+        row_sq = session.residual_sq[layer][:, (n - 1).to(error.device)]  # [B, C]
+        session.profile_error[layer, i] += float((residual.double().pow(2).sum(-1) / row_sq.double()).sum())
 
 
 def _block_means(dropped_p, v_all, v_prefix, n, block_size):
@@ -296,6 +328,45 @@ def _count_kept(session, layer, keep, long) -> None:
     kept = keep[:, :, long].sum(dim=-1).double().cpu()  # rows with n > k
     session.kept_by_layer[layer] += kept.sum()
     session.rows_by_layer[layer] += kept.numel()
+
+
+class ResidualNorms:
+    """Records each row's ||h||² at every decoder layer's input (the residual stream).
+
+    A context manager around a profile session with the "residual" objective:
+    a forward pre-hook on every decoder layer (a module holding `self_attn`
+    with a `layer_idx`) stores the current sequence's per-row norms in
+    `residual_sq` and counts its rows in `profile_norm`; removed on exit.
+    """
+
+    def __init__(self, model, session: CalibrationSession):
+        self.session = session
+        self.layers = {m.self_attn.layer_idx: m for m in model.modules()
+                       if hasattr(getattr(m, "self_attn", None), "layer_idx")}
+        if len(self.layers) != session.num_layers:
+            raise ValueError(f"found {len(self.layers)} decoder layers with self_attn, the model has "
+                             f"{session.num_layers}: use --budget-objective attention")
+        for module in self.layers.values():
+            output_projection(session, module.self_attn)  # refuses a layer without o_proj now, not mid-run
+        self.handles = []
+
+    def __enter__(self):
+        for layer, module in self.layers.items():
+            self.handles.append(module.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, layer: int):
+        def add_norm(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, hidden]
+            row_sq = hidden.double().pow(2).sum(-1)
+            self.session.residual_sq[layer] = row_sq.clamp(min=torch.finfo(torch.float64).tiny)
+            self.session.profile_norm[layer] += row_sq.numel()
+        return add_norm
 
 
 def register_attention() -> None:

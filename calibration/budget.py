@@ -9,6 +9,12 @@ row as a uniform k would keep); it is spent greedily where the error falls
 fastest per added element: start every layer at the smallest candidate, then
 repeatedly take the upgrade (to any larger candidate) with the largest error
 decrease per added k that still fits.
+
+Two objectives (OBJECTIVES): "attention", the error relative to the
+attention output itself (scale-free, every layer weighs the same), and
+"residual", the error o_proj adds to the residual stream relative to that
+stream, row by row: a layer whose attention writes large updates into a
+small residual weighs more, one that barely moves the stream weighs less.
 """
 
 from __future__ import annotations
@@ -18,14 +24,22 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_CANDIDATES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-OBJECTIVE = ("relative squared L2 error of each layer's attention output, top-k with the file's placement and "
-             "compensation, on dense inputs")
+# --budget-objective -> what each layer's profiled error measures (recorded in the file's provenance).
+OBJECTIVES = {
+    "attention": ("relative squared L2 error of each layer's attention output, top-k with the file's placement and "
+                  "compensation, on dense inputs"),
+    "residual": ("squared L2 error of each layer's attention output after o_proj (its change to the residual "
+                 "stream), top-k with the file's placement and compensation, on dense inputs, over each row's "
+                 "squared residual-stream norm at the layer's input, averaged over rows"),
+}
+DEFAULT_OBJECTIVE = "attention"
 
 
 @dataclass
 class Allocation:
     layer_k: dict[int, int]  # every thresholded layer
     relative_error: dict[int, dict[int, float]]  # layer -> candidate k -> profiled error
+    objective: str = DEFAULT_OBJECTIVE
 
     @property
     def mean_k(self) -> float:
@@ -37,7 +51,8 @@ class Allocation:
             "mean_k_budget": budget_k,
             "mean_k": self.mean_k,
             "candidates": sorted(next(iter(self.relative_error.values()))),
-            "objective": OBJECTIVE,
+            "objective": OBJECTIVES[self.objective],
+            "objective_name": self.objective,
             "rule": "greedy: largest error decrease per added k",
             "profile_sequences": num_sequences,
             "profile_seq_len": seq_len,
@@ -54,7 +69,7 @@ def relative_errors(profile_error: torch.Tensor, profile_norm: torch.Tensor, lay
             for layer in layers}
 
 
-def allocate(errors: dict[int, dict[int, float]], budget_k: int) -> Allocation:
+def allocate(errors: dict[int, dict[int, float]], budget_k: int, objective: str = DEFAULT_OBJECTIVE) -> Allocation:
     """Greedy allocation of Σ k = budget_k · layers over the layers' error curves."""
     layers = sorted(errors)
     candidates = sorted(next(iter(errors.values())))
@@ -76,4 +91,4 @@ def allocate(errors: dict[int, dict[int, float]], budget_k: int) -> Allocation:
         _, layer, j = best
         left -= candidates[j] - candidates[index[layer]]
         index[layer] = j
-    return Allocation({layer: candidates[index[layer]] for layer in layers}, errors)
+    return Allocation({layer: candidates[index[layer]] for layer in layers}, errors, objective)

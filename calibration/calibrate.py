@@ -33,6 +33,7 @@ same thresholds as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -46,9 +47,11 @@ import torch
 from tqdm import tqdm
 
 from vllm_topt import __version__
-from vllm_topt.calibration.attention import ATTN_IMPL_NAME, CalibrationSession, register_attention, set_session
+from vllm_topt.calibration.attention import (ATTN_IMPL_NAME, CalibrationSession, ResidualNorms, register_attention,
+                                             set_session)
 from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkpoint_path
-from vllm_topt.calibration.budget import DEFAULT_CANDIDATES, Allocation, allocate, relative_errors
+from vllm_topt.calibration.budget import (DEFAULT_CANDIDATES, DEFAULT_OBJECTIVE, OBJECTIVES, Allocation, allocate,
+                                          relative_errors)
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
@@ -120,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-candidates", type=parse_layers, default=list(DEFAULT_CANDIDATES), metavar="K,...",
                    help=f"the k a layer may get (default {','.join(map(str, DEFAULT_CANDIDATES))})")
     p.add_argument("--budget-seqs", type=int, default=8, help="calibration sequences the allocation profiles")
+    p.add_argument("--budget-objective", choices=list(OBJECTIVES), default=DEFAULT_OBJECTIVE,
+                   help="what the allocation minimises: each layer's attention-output error relative to that output "
+                        "(attention), or its change to the residual stream relative to the stream (residual)")
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
                    help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
     p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
@@ -206,6 +212,9 @@ def check_budget_args(args) -> None:
     if args.block_size < 1:
         raise CalibrationError(f"--block-size {args.block_size}: must be at least 1")
     if args.budget_k is None:
+        if args.budget_objective != DEFAULT_OBJECTIVE:
+            raise CalibrationError(f"--budget-objective {args.budget_objective} chooses how --budget-k allocates; "
+                                   "add --budget-k MEAN_K (or drop --budget-objective)")
         return
     if args.layer_k:
         raise CalibrationError("--budget-k allocates every layer's k; drop --layer-k (or drop --budget-k)")
@@ -336,6 +345,7 @@ def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
         "--block-size": args.block_size, "--budget-k": args.budget_k,
         "--budget-candidates": args.budget_candidates if args.budget_k else None,
         "--budget-seqs": args.budget_seqs if args.budget_k else None,
+        "--budget-objective": args.budget_objective if args.budget_k else None,
         "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
         "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
     }
@@ -433,11 +443,13 @@ def allocate_budget(plan: Plan, model, num_heads: int) -> Allocation:
     args = plan.args
     session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, plan.rules, mode="profile",
                                  device=plan.device, block_size=args.block_size,
-                                 profile_ks=tuple(args.budget_candidates))
-    run_sequences(model, plan.calibration[: args.budget_seqs], session, plan, "budget profile")
+                                 profile_ks=tuple(args.budget_candidates), profile_objective=args.budget_objective)
+    norms = ResidualNorms(model, session) if args.budget_objective == "residual" else contextlib.nullcontext()
+    with norms:
+        run_sequences(model, plan.calibration[: args.budget_seqs], session, plan, "budget profile")
     layers = [layer for layer, rule in enumerate(plan.rules) if not rule.dense]
     errors = relative_errors(session.profile_error, session.profile_norm, layers, args.budget_candidates)
-    return allocate(errors, args.budget_k)
+    return allocate(errors, args.budget_k, args.budget_objective)
 
 
 def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:

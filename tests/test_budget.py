@@ -113,6 +113,55 @@ def test_profile_errors_are_the_top_k_outputs_errors():
     assert list(session.profile_error[0]) == sorted(session.profile_error[0], reverse=True)
 
 
+class ProjectedLayer(torch.nn.Module):  # an attention module with an output projection
+    layer_idx = 0
+
+    def __init__(self, H, d, hidden, seed):
+        super().__init__()
+        self.o_proj = torch.nn.Linear(H * d, hidden)
+        with torch.no_grad():
+            self.o_proj.weight.copy_(torch.randn(hidden, H * d, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_residual_profile_errors_are_o_proj_errors_over_each_rows_residual():
+    """The residual objective: ||o_proj(o_topk - o)||² / ||h||², row by row, summed; the norm counts rows."""
+    q, k, v = random_qkv(T=160, seed=7)
+    B, H, T, d = q.shape
+    rule = ToptRule("post-softmax", "none", True, k=16, vmc_scope="block")
+    layer = ProjectedLayer(H, d, hidden=24, seed=8)
+    residual_sq = torch.rand(B, T, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 50 + 0.5
+    session = CalibrationSession(1, H, T, [rule], mode="profile", profile_ks=CANDIDATES,
+                                 profile_objective="residual", chunk_elements=B * H * T * 37)
+    session.residual_sq[0] = residual_sq
+    set_session(session)
+    try:
+        out, _ = topt_calibrate_attention(layer, q, k, v, None, scaling=0.25)
+    finally:
+        set_session(None)
+    dense, _ = attention("dense", rule, q, k, v)
+    torch.testing.assert_close(out, dense)
+    W = layer.o_proj.weight.detach().double()
+    for i, cand in enumerate(CANDIDATES):
+        topk, _ = attention("topk", ToptRule("post-softmax", "none", True, k=cand, vmc_scope="block"), q, k, v)
+        change = (topk - dense).double().reshape(B, T, H * d) @ W.T  # [B, T, hidden]: what o_proj adds
+        expected = float((change.pow(2).sum(-1) / residual_sq).sum())
+        assert session.profile_error[0, i].item() == pytest.approx(expected, rel=1e-4, abs=1e-12)
+    assert session.profile_norm[0].item() == 0  # rows are counted by ResidualNorms' hook, not here
+    assert list(session.profile_error[0]) == sorted(session.profile_error[0], reverse=True)
+
+
+def test_residual_objective_needs_an_output_projection():
+    q, k, v = random_qkv(T=40)
+    session = CalibrationSession(1, 4, 40, [ToptRule(k=8)], mode="profile", profile_ks=(8, 16),
+                                 profile_objective="residual")
+    set_session(session)
+    try:
+        with pytest.raises(ValueError, match="needs the attention's o_proj.*--budget-objective attention"):
+            topt_calibrate_attention(Layer(), q, k, v, None, scaling=0.25)
+    finally:
+        set_session(None)
+
+
 # ------------------------------------------------------------------ the CLI
 
 
@@ -127,6 +176,24 @@ def test_bad_budget_arguments_are_refused_before_the_weights_load(tmp_path, monk
     assert "--budget-seqs 9: must be between 1 and --num-seqs 4" in refusal(
         [*out, "--budget-k", "32", "--num-seqs", "4", "--budget-seqs", "9"])
     assert "--block-size 0" in refusal([*out, "--block-size", "0"])
+    assert "add --budget-k MEAN_K" in refusal([*out, "--budget-objective", "residual"])
+
+
+def test_residual_objective_run_records_its_objective(tmp_path):
+    """A real model through ResidualNorms' hooks: every layer's rows are counted, the file says how it was chosen."""
+    out = tmp_path / "residual.json"
+    proc = cli("--model", MODEL, "--budget-k", "32", "--budget-candidates", "8,16,32,64,128", "--budget-seqs", "1",
+               "--num-seqs", "1", "--seq-len", "256", "--heldout-seqs", "1", "--vmc-scope", "block",
+               "--budget-objective", "residual", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    file = load_threshold_file(out)
+    budget = json.loads(out.read_text())["provenance"]["budget"]
+    assert budget["objective_name"] == "residual" and "residual" in budget["objective"]
+    ks = [file.k_for_layer(layer) for layer in range(file.model.num_layers)]
+    assert sum(ks) <= 32 * len(ks) and len(set(ks)) > 1, ks
+    for layer, errors in budget["relative_error"].items():
+        curve = [errors[str(k)] for k in (8, 16, 32, 64, 128)]
+        assert curve[0] > 0 and curve == sorted(curve, reverse=True), (layer, curve)
 
 
 @pytest.fixture(scope="module")
