@@ -117,12 +117,13 @@ def topt_calibrate_attention(module, query, key, value, attention_mask, scaling=
     # Σ V over each prefix, [B, H, T, d]: VMC's means come from it in O(T · d).
     v_prefix = v_all.cumsum(dim=2)
     step = query_chunk_rows(session, B, H, T)
+    out_proj = output_projection(session, module)
     out = torch.empty(B, H, T, d, dtype=torch.float32, device=query.device)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         out[:, :, r0:r1] = _attend_rows(session, layer, query[:, :, r0:r1].float(), k_all[:, :, :r1],
                                         v_all[:, :, :r1], v_prefix[:, :, :r1], r0, scale, key.shape[1],
-                                        window, output_projection(session, module))
+                                        window, out_proj)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -214,8 +215,11 @@ def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, 
     the rows in `profile_norm`.
     """
     domain = p if rule.placement == "post-softmax" else scores
+    row_sq = None
     if out_proj is None:
         session.profile_norm[layer] += float(dense_out.double().pow(2).sum())
+    else:
+        row_sq = session.residual_sq[layer][:, (n - 1).to(dense_out.device)].double()  # [B, C]
     top = min(max(session.profile_ks) + 1, domain.shape[-1])
     values, index = torch.topk(domain, top, dim=-1)  # one sort serves every candidate
     for i, k in enumerate(session.profile_ks):
@@ -223,14 +227,16 @@ def _profile_layer(session, layer, rule, scores, p, causal, n, v_all, v_prefix, 
         if keep is None:
             continue  # every row has n <= k: nothing dropped, no error
         out = _sparse_output(rule, scores, p, keep, causal, theta, v_all, v_prefix, n, session.block_size)
-        error = out - dense_out  # [B, H, C, d]
-        if out_proj is None:
-            session.profile_error[layer, i] += float(error.double().pow(2).sum())
-            continue
-        B, H, C, d = error.shape
-        residual = error.transpose(1, 2).reshape(B, C, H * d) @ out_proj.T  # [B, C, hidden]
-        row_sq = session.residual_sq[layer][:, (n - 1).to(error.device)]  # [B, C]
-        session.profile_error[layer, i] += float((residual.double().pow(2).sum(-1) / row_sq.double()).sum())
+        session.profile_error[layer, i] += _squared_error(out - dense_out, out_proj, row_sq)
+
+
+def _squared_error(error, out_proj=None, row_sq=None) -> float:
+    """Σ ||error||² over rows; with `out_proj`, Σ ||o_proj(error)||² / ||h||² (the residual objective)."""
+    if out_proj is None:
+        return float(error.double().pow(2).sum())
+    B, H, C, d = error.shape
+    residual = error.transpose(1, 2).reshape(B, C, H * d) @ out_proj.T  # [B, C, hidden]
+    return float((residual.double().pow(2).sum(-1) / row_sq).sum())
 
 
 def _block_means(dropped_p, v_all, v_prefix, n, block_size):
