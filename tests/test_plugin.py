@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from vllm_topt import plugin
+from vllm_topt import plugin, vllm_support
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +113,11 @@ def test_batch_split_hands_the_parent_the_requests_after_the_decodes():
 
 
 def test_vllm_version_outside_the_supported_range_is_refused():
-    plugin.check_vllm_version("0.32.0")
-    plugin.check_vllm_version("0.32.3+cpu")
+    vllm_support.check_vllm_version("0.32.0")
+    vllm_support.check_vllm_version("0.32.3+cpu")
     for version in ("0.31.2", "0.33.0", "1.0.0"):
-        with pytest.raises(plugin.UnsupportedVllmError, match=r"supports vLLM >= 0.32, < 0.33; this is vLLM"):
-            plugin.check_vllm_version(version)
+        with pytest.raises(vllm_support.UnsupportedVllmError, match=r"supports vLLM >= 0.32, < 0.33; this is vLLM"):
+            vllm_support.check_vllm_version(version)
 
 
 def test_wrapped_platform_methods_pass_every_argument_through(member):

