@@ -24,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL, extra_args=()) -> list[str]:
+def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL, extra_args=(),
+                   backend: str = "topt") -> list[str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", "default",
-        "--attention-backend", "topt", "--dtype", "float32",
+        "--attention-backend", backend, "--dtype", "float32",
         "--max-model-len", "4096", "--max-num-seqs", "8", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port),
     ]
@@ -37,17 +38,18 @@ def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL, ex
     return cmd + list(extra_args)
 
 
-def server_env() -> dict:
-    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1")
+def server_env(**overrides) -> dict:
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1", **overrides)
 
 
 @contextlib.contextmanager
-def serving(log_path: Path, topt: dict | None, model: Path = DEFAULT_MODEL, extra_args=()):
-    """A running server (its base URL) logging to `log_path`; stopped on exit."""
+def serving(log_path: Path, topt: dict | None, model: Path = DEFAULT_MODEL, extra_args=(), backend: str = "topt",
+            env: dict | None = None):
+    """A running server (its base URL) logging to `log_path`; stopped on exit. `env`: more variables."""
     port = free_port()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(server_command(port, topt, model, extra_args), cwd=ROOT, env=server_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(server_command(port, topt, model, extra_args, backend), cwd=ROOT,
+                                env=server_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from vllm_topt.log import get_logger
-from vllm_topt.vllm_support import check_vllm_version
+from vllm_topt.vllm_support import UnsupportedVllmError, check_vllm_version
 
 logger = get_logger()
 
@@ -20,14 +20,58 @@ CPU_BACKEND_PATH = "vllm_topt.backends.cpu.ToptCpuBackend"
 CUDA_BACKEND_PATH = "vllm_topt.backends.cuda.ToptCudaBackend"
 
 
+class ToptUnavailableError(RuntimeError):
+    """TOPT was selected, but the plugin stood down in this process (the message says why and what to do)."""
+
+
 @functools.lru_cache(maxsize=1)
 def register() -> None:
-    """Entry point of `vllm.general_plugins` (runs once per process)."""
+    """Entry point of `vllm.general_plugins` (runs once per process).
+
+    vLLM calls its plugins with no try block, so an exception here would stop
+    every vLLM process on the machine, dense serving included. Nothing escapes:
+    on any failure the plugin logs one warning, registers nothing of its own and
+    only a run that selects TOPT is refused (`_refuse_topt_runs`).
+    """
+    try:
+        from vllm.platforms import current_platform
+
+        check_vllm_version()
+        topt_backend_member()
+        _teach_platform(type(current_platform), current_platform.is_cpu())
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        _stand_down(exc)
+
+
+def _stand_down(exc: Exception) -> None:
+    reason = str(exc) if isinstance(exc, UnsupportedVllmError) else (
+        f"its vLLM entry point failed ({type(exc).__name__}: {exc}). Report it with this log, or uninstall "
+        "vllm-topt.")
+    message = f"TOPT is not available in this process: {reason}"
+    logger.warning("%s vLLM itself runs as usual; only --attention-backend topt is refused.", message)
+    try:
+        _refuse_topt_runs(message)
+    except Exception:  # noqa: BLE001 - vLLM then rejects the unknown backend name itself
+        logger.debug("could not install the TOPT refusal", exc_info=True)
+
+
+def _refuse_topt_runs(message: str) -> None:
+    """Make `--attention-backend topt` parse, and fail in the front end with `message` before any engine starts."""
     from vllm.platforms import current_platform
 
-    check_vllm_version()
     topt_backend_member()
-    _teach_platform(type(current_platform), current_platform.is_cpu())
+    platform_cls = type(current_platform)
+    if platform_cls.__dict__.get("_topt_patched", False):
+        return
+    original_check = platform_cls.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config, *args, **kwargs):
+        if is_topt_selected(vllm_config.attention_config.backend):
+            raise ToptUnavailableError(message)
+        original_check(cls, vllm_config, *args, **kwargs)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    platform_cls._topt_patched = True
 
 
 def backend_path(is_cpu: bool) -> str:
