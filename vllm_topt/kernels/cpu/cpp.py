@@ -3,7 +3,9 @@
 The source registers typed torch ops (`torch.ops.vllm_topt.topt_decode`,
 `...update_v_block_sums`) with a schema: named arguments, named results. It is
 built on first use (about a minute) into torch's extension cache, or ahead of
-time with `python -m vllm_topt.kernels.cpu.cpp` (`make setup` does this). The
+time with `python -m vllm_topt.kernels.cpu.cpp` (`make setup` does this), under a
+name that carries this host's instruction sets (`build_key`: the build uses
+-march=native and must not be reused on another CPU). The
 placement, SDC and VMC-scope codes are compiled in from `vllm_topt.method.rules`, so the
 C++ and Python enums cannot disagree. Same contract as
 `torch_decode.topt_decode_paged`; both are tested against the reference.
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from vllm_topt.kernels.cpu.build_key import host_build_key
 from vllm_topt.kernels.cpu.torch_decode import KEY_LAYOUT_TRANSPOSED, density_counts_from_totals
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "topt_cpu.cpp"
-EXTENSION_NAME = "vllm_topt_cpu"
+# The extension (and its build folder) is named `vllm_topt_cpu_<build key>`: see extension_name.
+EXTENSION_PREFIX = "vllm_topt_cpu"
 # Largest KV block the kernel takes (its per-block score buffers are sized by it).
 MAX_BLOCK_SIZE = 256
 # The page TOPT serves with on CPU (CPU_ATTN's default too). The kernel reads V
@@ -36,16 +40,26 @@ def code_defines() -> list[str]:
             + [f"-DTOPT_VMC_SCOPE_{v.name}={v.code}" for v in VmcScope] + [f"-DTOPT_MAX_BLOCK_SIZE={MAX_BLOCK_SIZE}"])
 
 
+def compiler_flags() -> list[str]:
+    # -fopenmp: ATen's parallel_for is an OpenMP region compiled into this extension.
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", *code_defines()]
+
+
+@functools.lru_cache(maxsize=1)
+def extension_name() -> str:
+    """The extension's name, hence its folder in torch's cache: one per instruction-set flags and compiler flags."""
+    return f"{EXTENSION_PREFIX}_{host_build_key(compiler_flags())}"
+
+
 @functools.lru_cache(maxsize=1)
 def load_extension():
     """Build (if needed) and load the library; returns `torch.ops.vllm_topt`."""
     from torch.utils.cpp_extension import load
 
     load(
-        name=EXTENSION_NAME,
+        name=extension_name(),
         sources=[str(SOURCE)],
-        # -fopenmp: ATen's parallel_for is an OpenMP region compiled into this extension.
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", *code_defines()],
+        extra_cflags=compiler_flags(),
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
@@ -139,4 +153,4 @@ if __name__ == "__main__":
     from torch.utils.cpp_extension import _get_build_directory
 
     load_extension()
-    print(f"built {EXTENSION_NAME} in {_get_build_directory(EXTENSION_NAME, verbose=False)}")
+    print(f"built {extension_name()} in {_get_build_directory(extension_name(), verbose=False)}")
