@@ -51,3 +51,12 @@ def test_cuda_refuses_what_its_kernel_cannot_serve(cuda_backend, tmp_path, case,
     assert expected in cuda_backend.config_refusals(config)
     with pytest.raises(NotImplementedError, match=f"TOPT does not support .*{expected}.*TRITON_ATTN"):
         cuda_backend.check_config(config)
+
+
+def test_topt_not_its_dense_parent_decides_which_kv_cache_dtypes_it_serves(cuda_backend):
+    # From vLLM 0.33 CPU_ATTN overrides supports_kv_cache_dtype and accepts float16/bfloat16 whatever the list says.
+    from vllm_topt.backends.cpu import ToptCpuBackend
+
+    dtypes = (None, "auto", "float16", "bfloat16", "fp8")
+    assert [ToptCpuBackend.supports_kv_cache_dtype(d) for d in dtypes] == [True, True, False, False, False]
+    assert [cuda_backend.supports_kv_cache_dtype(d) for d in dtypes] == [True, True, True, True, False]

@@ -113,10 +113,19 @@ def test_batch_split_hands_the_parent_the_requests_after_the_decodes():
 
 
 def test_vllm_version_outside_the_supported_range_is_refused():
-    vllm_support.check_vllm_version("0.32.0")
-    vllm_support.check_vllm_version("0.32.3+cpu")
-    for version in ("0.31.2", "0.33.0", "1.0.0"):
-        with pytest.raises(vllm_support.UnsupportedVllmError, match=r"supports vLLM >= 0.32, < 0.33; this is vLLM"):
+    import re
+
+    from packaging.version import Version
+
+    first, end = vllm_support.SUPPORTED_VLLM
+    (major, minor), (end_major, end_minor) = Version(first).release[:2], Version(end).release[:2]
+    last = f"{end_major}.{end_minor - 1}.4" if end_minor else f"{end_major - 1}.99.0"  # the last supported minor
+    for version in (f"{first}.0", f"{major}.{minor}.3+cpu", last):
+        vllm_support.check_vllm_version(version)
+    below = f"{major}.{minor - 1}.2" if minor else f"{major - 1}.99.0"
+    for version in (below, f"{end}.0", f"{end_major + 1}.0.0"):
+        with pytest.raises(vllm_support.UnsupportedVllmError,
+                           match=re.escape(f"supports vLLM >= {first}, < {end}; this is vLLM {version}")):
             vllm_support.check_vllm_version(version)
 
 

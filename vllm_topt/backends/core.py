@@ -71,6 +71,12 @@ class ToptBackendMixin:
     def get_name() -> str:
         return BACKEND_NAME
 
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        # Our list decides, as vLLM 0.32's base class does: from 0.33 CPU_ATTN overrides this and
+        # accepts float16/bfloat16 caches whatever the list says.
+        return kv_cache_dtype is None or kv_cache_dtype in cls.supported_kv_cache_dtypes
+
     # vLLM's selector reads these (validate_configuration) ...
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
