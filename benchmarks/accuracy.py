@@ -417,14 +417,14 @@ def density_fields(stats: dict | None) -> dict:
 
 
 def load_thresholds(args, hf_config):
-    from vllm_topt.config.thresholds import check_matches_model, find_shipped_thresholds, load_threshold_file
+    from vllm_topt.config.options import ToptOptions, resolve_thresholds
+    from vllm_topt.config.thresholds import ThresholdFileError
 
-    path = Path(args.thresholds) if args.thresholds else find_shipped_thresholds(hf_config)
-    if path is None:
-        sys.exit(f"no shipped threshold file for {args.model}; pass --thresholds")
-    file = load_threshold_file(path)
-    check_matches_model(file, hf_config, path)
-    return file, path
+    # Without --thresholds: the file the server would pick by default (quality where one ships).
+    try:
+        return resolve_thresholds(ToptOptions(thresholds=args.thresholds), hf_config, args.model)
+    except ThresholdFileError as exc:
+        sys.exit(str(exc))
 
 
 def shown(path) -> str:

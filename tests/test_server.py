@@ -57,6 +57,14 @@ def test_concurrent_requests_and_telemetry_line(server):
     assert kept < 50.0, lines[-1]
 
 
+def test_start_up_log_names_the_default_file_and_its_recorded_cost(server):
+    """The default is the quality file; the operator sees which file and what it was measured to cost."""
+    _, log_path = server
+    line = next(l for l in log_path.read_text().splitlines() if "TOPT thresholds:" in l)
+    assert "smollm2-135m-instruct.k48.post-softmax.quality.json" in line, line
+    assert "perplexity +0.11% vs dense" in line and "of elements" in line and "V rows" in line, line
+
+
 # A front-end refusal: the API server process exits before any engine process starts.
 FRONT_END_REFUSAL_S = 120
 # The refusing servers spend their time importing vLLM, one core each: two at a time halve the wait.
@@ -81,6 +89,10 @@ FRONT_END_REFUSALS = {
         "TOPT does not support speculative decoding"),
     "alibi": ({}, {"alibi": True}, [], "TOPT does not support ALiBi"),
     "kv-sharing": ({}, {"num_kv_shared_layers": 2}, [], "TOPT does not support KV sharing across layers"),
+    # The default model's config under another name (as Qwen2.5-0.5B-Instruct shares the Coder model's
+    # config values): the shipped file matches by fingerprint, and its recorded name refuses it.
+    "another-model-same-config": ({}, "renamed", [], "was made for another model (model name: the file's is"),
+    "thresholds-with-operating-point": ("file-and-point", None, [], "contradict each other"),
 }
 
 
@@ -92,8 +104,13 @@ def refusal_inputs(case: str, root: Path) -> tuple[dict, Path, list[str]]:
         topt = {"thresholds": str(path)}
     elif topt == "missing-file":
         topt = {"thresholds": str(root / "nope.json")}
+    elif topt == "file-and-point":
+        topt = {"thresholds": str(ROOT / "configs" / "smollm2-135m-instruct.k32.post-softmax.json"),
+                "operating_point": "speed"}
     if config_changes == "sliding-window":
         model = sliding_window_model(root)
+    elif config_changes == "renamed":
+        model = variant_of_default_model(root, "Qwen2.5-0.5B-Instruct")
     elif config_changes:
         model = variant_of_default_model(root, case, **config_changes)
     else:

@@ -11,10 +11,19 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from vllm_topt.config.options import ToptConfigError, ToptOptions, options_from_vllm_config, resolve_thresholds
+from vllm_topt.config.options import (
+    ToptConfigError,
+    ToptOptions,
+    check_served_identity,
+    options_from_vllm_config,
+    resolve_thresholds,
+)
 from vllm_topt.config.thresholds import (
     LayerThresholds,
+    ThresholdFile,
     ThresholdFileError,
+    describe,
+    page_size_warning,
     check_matches_model,
     find_shipped_thresholds,
     load_threshold_file,
@@ -201,32 +210,124 @@ def test_shipped_files_are_valid():
         assert f.provenance.num_sequences > 0
 
 
-def test_default_model_has_shipped_thresholds():
+def test_default_is_the_quality_file_where_one_ships_and_speed_is_opt_in():
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(DEFAULT_MODEL)
-    path = find_shipped_thresholds(config)
-    assert path is not None and "smollm2" in path.name
-    f, resolved = resolve_thresholds(ToptOptions(), config, str(DEFAULT_MODEL))
-    assert resolved == path and f.model.num_heads == 9
-
-
-def test_quality_operating_point_picks_the_quality_file():
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
-    speed = find_shipped_thresholds(config)
-    f, quality = resolve_thresholds(ToptOptions(operating_point="quality"), config, str(DEFAULT_MODEL))
-    assert speed.name == "smollm2-135m-instruct.k32.post-softmax.json"  # still the default
-    assert quality.name.endswith(".quality.json") and "smollm2" in quality.name and f.target_k > 32
+    f, default = resolve_thresholds(ToptOptions(), config, str(DEFAULT_MODEL))
+    assert default.name == "smollm2-135m-instruct.k48.post-softmax.quality.json" and f.target_k == 48
+    assert resolve_thresholds(ToptOptions(operating_point="quality"), config, str(DEFAULT_MODEL))[1] == default
+    _, speed = resolve_thresholds(ToptOptions(operating_point="speed"), config, str(DEFAULT_MODEL))
+    assert speed.name == "smollm2-135m-instruct.k32.post-softmax.json"
     with pytest.raises(ValidationError):
         ToptOptions(operating_point="fast")
+
+
+def test_default_falls_back_to_the_speed_file_where_no_quality_file_ships(gemma_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(gemma_model)
+    _, path = resolve_thresholds(ToptOptions(), config, str(gemma_model))
+    assert path.name == "gemma3-270m.k32.post-softmax.json"
 
 
 def test_quality_operating_point_without_a_quality_file_says_what_to_do():
     config = fake_hf_config()  # a model nothing is shipped for
     with pytest.raises(ThresholdFileError, match="ships no quality threshold file for model tiny.*operating_point"):
         resolve_thresholds(ToptOptions(operating_point="quality"), config, "tiny")
+
+
+def test_thresholds_and_operating_point_together_are_refused_as_contradictory():
+    with pytest.raises(ToptConfigError, match="contradict each other"):
+        options_from_vllm_config(SimpleNamespace(additional_config={"topt": {"thresholds": "t.json",
+                                                                             "operating_point": "speed"}}))
+
+
+def test_a_corrupt_shipped_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    from vllm_topt.config import thresholds as module
+
+    good = write(tmp_path, valid_file_dict(), "good.json")
+    corrupt = write(tmp_path, '{"schema_version": 1, "model": ', "corrupt.json")
+    monkeypatch.setattr(module, "shipped_config_files", lambda: [corrupt, good])
+    with pytest.raises(ThresholdFileError, match=f"(?s){corrupt}.*not valid JSON.*installation is damaged"):
+        find_shipped_thresholds(fake_hf_config())
+
+
+def identity_file(tmp_path, **model) -> ThresholdFile:
+    d = valid_file_dict()
+    d["model"].update(model)
+    return load_threshold_file(write(tmp_path, d))
+
+
+def test_a_model_sharing_the_fingerprint_is_told_apart_by_name_and_vocabulary(tmp_path):
+    """The general Qwen2.5-0.5B-Instruct shares the Coder model's config values: the name refuses it."""
+    coder = identity_file(tmp_path, name="Qwen2.5-Coder-0.5B-Instruct", source="models/Qwen2.5-Coder-0.5B-Instruct",
+                          vocab_hash="sha256:aaaa")
+    assert check_served_identity(coder, Path("c.json"), "Qwen/Qwen2.5-Coder-0.5B-Instruct", "sha256:aaaa", False) == []
+    assert check_served_identity(coder, Path("c.json"), "/srv/qwen2.5-coder-0.5b-instruct/", "sha256:aaaa", False) == []
+    with pytest.raises(ThresholdFileError, match=r"c.json was made for another model \(model name: the file's is "
+                                                 r"'Qwen2.5-Coder-0.5B-Instruct'.*allow_model_mismatch"):
+        check_served_identity(coder, Path("c.json"), "Qwen/Qwen2.5-0.5B-Instruct", "sha256:aaaa", False)
+    with pytest.raises(ThresholdFileError, match="tokenizer vocabulary: the file's hash is sha256:aaaa.*vllm-topt-calibrate"):
+        check_served_identity(coder, Path("c.json"), "Qwen2.5-Coder-0.5B-Instruct", "sha256:bbbb", False)
+    notes = check_served_identity(coder, Path("c.json"), "Qwen/Qwen2.5-0.5B-Instruct", "sha256:bbbb", True)
+    assert len(notes) == 2 and all("served anyway: allow_model_mismatch" in n for n in notes)
+
+
+def test_files_without_a_recorded_vocabulary_still_load_and_only_warn(tmp_path):
+    old = identity_file(tmp_path)  # name "tiny", no source / vocab_hash / weights
+    assert old.model.vocab_hash is None and old.model.weights is None
+    notes = check_served_identity(old, Path("old.json"), "other-model", "sha256:cccc", False)
+    assert any("predates recorded vocabularies" in n for n in notes)
+    assert any("records no tokenizer vocabulary" in n for n in notes)
+
+
+def test_allow_model_mismatch_lets_a_different_config_through_but_never_another_geometry(tmp_path):
+    f = load_threshold_file(write(tmp_path, valid_file_dict()))
+    with pytest.raises(ThresholdFileError, match="allow_model_mismatch"):
+        check_matches_model(f, fake_hf_config(vocab_size=999), "t.json")
+    assert "config fingerprint" in check_matches_model(f, fake_hf_config(vocab_size=999), "t.json", True)[0]
+    with pytest.raises(ThresholdFileError, match="num_heads=4, but the served model has num_heads=8"):
+        check_matches_model(f, fake_hf_config(num_attention_heads=8, hidden_size=256), "t.json", True)
+
+
+def test_shipped_files_record_what_they_were_calibrated_on():
+    for path in shipped_config_files():
+        f = load_threshold_file(path)
+        assert f.model.source and f.model.vocab_hash and "dequantised" in f.model.weights, path.name
+        if f.compensation.vmc_scope == "block":
+            assert f.compensation.block_size == 128, path.name
+        described = describe(f)
+        assert f.model.name in described and "of elements" in described and "V rows" in described, described
+
+
+def test_shipped_vocabulary_hash_matches_the_built_model():
+    from vllm_topt.config.identity import load_vocabulary_hash
+
+    _, path = resolve_thresholds(ToptOptions(), __import__("transformers").AutoConfig.from_pretrained(DEFAULT_MODEL),
+                                 str(DEFAULT_MODEL))
+    assert load_threshold_file(path).model.vocab_hash == load_vocabulary_hash(str(DEFAULT_MODEL))
+
+
+def test_the_start_up_description_names_the_recorded_held_out_loss_and_densities():
+    path = next(p for p in shipped_config_files() if p.name == "smollm2-135m-instruct.k48.post-softmax.quality.json")
+    f = load_threshold_file(path)
+    heldout = f.provenance.heldout
+    described = describe(f)
+    assert f"perplexity {heldout['perplexity']['loss_pct']:+.2f}% vs dense" in described
+    assert f"{heldout['element_density']:.1%} of elements" in described
+    assert "block VMC at 128-token pages" in described and "mean k=48 (per-layer budget)" in described
+
+
+def test_another_page_size_than_calibrated_is_a_warning_with_the_measured_consequence(tmp_path):
+    d = valid_file_dict()
+    d["compensation"].update(vmc_scope="block", block_size=128)
+    f = load_threshold_file(write(tmp_path, d))
+    assert page_size_warning(f, 128, "t.json") is None
+    warning = page_size_warning(f, 16, "t.json")
+    assert "128-token KV pages, but this server pages by 16 tokens" in warning and "+1.33%" in warning
+    d["compensation"].update(vmc_scope="sequence", block_size=None)
+    assert page_size_warning(load_threshold_file(write(tmp_path, d)), 16, "t.json") is None
 
 
 def test_thresholds_on_sliding_window_layers_are_refused(tmp_path, gemma_model):

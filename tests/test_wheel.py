@@ -106,7 +106,7 @@ print(json.dumps({{"package": vllm_topt.__file__, "shipped": [str(p) for p in sh
     assert found["package"].startswith(inside)
     assert sorted(Path(p).name for p in found["shipped"]) == SHIPPED
     assert all(p.startswith(inside) for p in found["shipped"])
-    assert found["resolved"] == str(installed / "vllm_topt" / "configs" / "smollm2-135m-instruct.k32.post-softmax.json")
+    assert found["resolved"] == str(installed / "vllm_topt" / "configs" / "smollm2-135m-instruct.k48.post-softmax.quality.json")
     assert found["cache"] == str(tmp_path / "cache")
 
 

@@ -140,8 +140,9 @@ def backend_class(is_cpu: bool):
 
 def check_topt_config(vllm_config, is_cpu: bool) -> None:
     """Fail in the front-end process, before the engine starts, on anything TOPT cannot serve."""
-    from vllm_topt.config.options import options_from_vllm_config, resolve_thresholds
+    from vllm_topt.config.options import check_served_identity, options_from_vllm_config, resolve_thresholds_checked
     from vllm_topt.config.support import sliding_window_layers, text_config
+    from vllm_topt.config.thresholds import describe, page_size_warning
 
     model_config = vllm_config.model_config
     if model_config is None:
@@ -152,19 +153,34 @@ def check_topt_config(vllm_config, is_cpu: bool) -> None:
     if backend.default_block_size and not cache_config.user_specified_block_size:
         cache_config.block_size = backend.default_block_size
     backend.check_config(vllm_config)
-    thresholds, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
-    if options.disable_sparsity:
-        mode = "sparsity disabled"
-    else:
-        mode = (f"k={thresholds.target_k}, {thresholds.placement}, "
-                f"{len(thresholds.thresholded_layers())} of {thresholds.model.num_layers} layers thresholded")
-    logger.info("TOPT thresholds: %s (%s, block size %s)", path, mode, cache_config.block_size)
+    thresholds, path, notes = resolve_thresholds_checked(options, model_config.hf_config, model_config.model)
+    notes += check_served_identity(thresholds, path, model_config.model, served_vocabulary_hash(model_config),
+                                   options.allow_model_mismatch)
+    for note in notes:
+        logger.warning("TOPT threshold file %s: %s", path, note)
+    if warning := page_size_warning(thresholds, cache_config.block_size, path):
+        logger.warning(warning)
+    mode = "sparsity disabled" if options.disable_sparsity else describe(thresholds)
+    logger.info("TOPT thresholds: %s (%s; serving block size %s)", path, mode, cache_config.block_size)
     windowed = sliding_window_layers(text_config(model_config.hf_config))
     if windowed:
         logger.info("TOPT: %d sliding-window layers run on %s's dense kernel", len(windowed),
                     backend.dense_parent)
     if is_cpu:
         _warn_about_cpu_binding()
+
+
+def served_vocabulary_hash(model_config) -> str | None:
+    """The served tokenizer's vocabulary hash, or None (logged) when it cannot be read here."""
+    from vllm_topt.config.identity import load_vocabulary_hash
+
+    try:
+        return load_vocabulary_hash(model_config.tokenizer, revision=model_config.tokenizer_revision,
+                                    trust_remote_code=model_config.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer TOPT cannot read is vLLM's to refuse, not ours
+        logger.warning("TOPT could not read the tokenizer %s (%s): its vocabulary is not checked against the "
+                       "threshold file.", model_config.tokenizer, exc)
+        return None
 
 
 def _warn_about_cpu_binding() -> None:

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_topt.config.identity import identity_mismatches
 from vllm_topt.config.thresholds import (
     QUALITY_SUFFIX,
     ThresholdFile,
@@ -27,9 +28,12 @@ class ToptOptions(BaseModel):
 
     thresholds: str | None = None
     """Path of a threshold file; default: the shipped file matching the model."""
-    operating_point: Literal["speed", "quality"] = "speed"
-    """Which shipped file, when `thresholds` is not given: "speed" (k=32) or
-    "quality" (within 1% of dense perplexity at <= 10% of elements, where shipped)."""
+    operating_point: Literal["speed", "quality"] | None = None
+    """Which shipped file, when `thresholds` is not given: "quality" (per-layer budget at mean
+    k=48, the default wherever one ships) or "speed" (k=32: fewer elements, more loss)."""
+    allow_model_mismatch: bool = False
+    """Serve a threshold file whose recorded model name, vocabulary or config fingerprint differ
+    from the served model's (logged); a different attention geometry is still refused."""
     disable_sparsity: bool = False
     """Run the TOPT code path keeping every element (A/B tests)."""
     telemetry_interval_s: float = Field(default=10.0, ge=0.0)
@@ -38,6 +42,14 @@ class ToptOptions(BaseModel):
     """If set, each telemetry tick also writes the per-layer counters as JSON here."""
     cpu_kernel: Literal["cpp", "torch"] = "cpp"
     """CPU decode implementation: the C++ kernel (built at set-up) or vectorised torch."""
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_the_file(self) -> "ToptOptions":
+        if self.thresholds and self.operating_point:
+            raise ValueError(f"\"thresholds\" ({self.thresholds}) and \"operating_point\" "
+                             f"({self.operating_point}) contradict each other: an operating point picks a "
+                             "shipped file, \"thresholds\" names one. Give one of them.")
+        return self
 
 
 class ToptConfigError(ValueError):
@@ -58,29 +70,68 @@ def options_from_vllm_config(vllm_config) -> ToptOptions:
         ) from exc
 
 
+DEFAULT_OPERATING_POINT = "quality"
+FALLBACK_OPERATING_POINT = "speed"
+
+
 def resolve_thresholds(options: ToptOptions, hf_config, model_name: str) -> tuple[ThresholdFile, Path]:
     """Load the threshold file for the served model, or explain how to get one."""
-    if options.thresholds:
-        path = Path(options.thresholds).expanduser()
-    else:
-        path = find_shipped_thresholds(hf_config, options.operating_point)
-        if path is None and options.operating_point == "quality":
-            raise ThresholdFileError(
-                f"TOPT ships no quality threshold file for model {model_name} (shipped: "
-                f"{', '.join(p.name for p in shipped_config_files() if p.name.endswith(QUALITY_SUFFIX))}). "
-                "Drop \"operating_point\" for the k=32 file, or calibrate a quality point with "
-                f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json` "
-                "and pass it as \"thresholds\"."
-            )
-        if path is None:
-            raise ThresholdFileError(
-                f"TOPT has no shipped threshold file for model {model_name}. Calibrate one with "
-                f"`vllm-topt-calibrate --model {model_name} --out thresholds.json` and pass it "
-                "with --additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
-            )
-    thresholds = load_cached(str(path.resolve()))
-    check_matches_model(thresholds, hf_config, path)
+    thresholds, path, _ = resolve_thresholds_checked(options, hf_config, model_name)
     return thresholds, path
+
+
+def resolve_thresholds_checked(options: ToptOptions, hf_config, model_name: str) -> tuple[ThresholdFile, Path, list[str]]:
+    """`resolve_thresholds`, plus the differences from the served model that `allow_model_mismatch` let through."""
+    path = Path(options.thresholds).expanduser() if options.thresholds else shipped_path(options, hf_config, model_name)
+    thresholds = load_cached(str(path.resolve()))
+    tolerated = check_matches_model(thresholds, hf_config, path, options.allow_model_mismatch)
+    return thresholds, path, tolerated
+
+
+def shipped_path(options: ToptOptions, hf_config, model_name: str) -> Path:
+    """The shipped file at the chosen operating point; by default quality where one ships, else speed."""
+    point = options.operating_point or DEFAULT_OPERATING_POINT
+    path = find_shipped_thresholds(hf_config, point)
+    if path is None and options.operating_point is None:
+        path = find_shipped_thresholds(hf_config, FALLBACK_OPERATING_POINT)
+    if path is None and point == "quality" and options.operating_point:
+        raise ThresholdFileError(
+            f"TOPT ships no quality threshold file for model {model_name} (shipped: "
+            f"{', '.join(p.name for p in shipped_config_files() if p.name.endswith(QUALITY_SUFFIX))}). "
+            "Drop \"operating_point\" for the shipped default, or calibrate a quality point with "
+            f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json` "
+            "and pass it as \"thresholds\"."
+        )
+    if path is None:
+        raise ThresholdFileError(
+            f"TOPT has no shipped threshold file for model {model_name}. Calibrate one with "
+            f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json` "
+            "and pass it with --additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
+        )
+    return path
+
+
+def check_served_identity(thresholds: ThresholdFile, path: Path, served_model: str, served_vocab_hash: str | None,
+                          allow_mismatch: bool) -> list[str]:
+    """Refuse a file made for another model (name, vocabulary); returns what to log instead.
+
+    Files written before the vocabulary was recorded only warn on a name difference."""
+    found = identity_mismatches(thresholds.model, served_model, served_vocab_hash)
+    recorded = thresholds.model.vocab_hash is not None
+    if found and recorded and not allow_mismatch:
+        raise ThresholdFileError(
+            f"TOPT threshold file {path} was made for another model ({'; '.join(found)}). Thresholds do not "
+            f"transfer between models. Calibrate this one: `vllm-topt-calibrate --model {served_model} "
+            "--budget-k 48 --vmc-scope block --out thresholds.json`, then pass --additional-config "
+            "'{\"topt\": {\"thresholds\": \"thresholds.json\"}}'; or, to serve it with this file anyway, add "
+            "\"allow_model_mismatch\": true to the topt block."
+        )
+    notes = [f"{difference} (served anyway: allow_model_mismatch)" if recorded else
+             f"{difference} (the file predates recorded vocabularies; recalibrate to have it checked)"
+             for difference in found]
+    if not recorded:
+        notes.append(f"{path} records no tokenizer vocabulary, so it was not checked against the served model")
+    return notes
 
 
 @functools.lru_cache(maxsize=4)

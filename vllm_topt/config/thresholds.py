@@ -8,7 +8,7 @@ points is piecewise linear in ln(n); beyond the grid it follows the
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_topt.config.identity import ModelIdentity, model_fingerprint
 from vllm_topt.config.support import sliding_window_layers, text_config
 from vllm_topt.method.rules import Placement, Sdc, ToptRule, VmcScope, layer_rules
 
@@ -28,85 +29,8 @@ EXTRAPOLATION_RULE = "loglog-slope"
 # Fit the beyond-the-grid slope on grid points with n >= n_max / 2.
 EXTRAPOLATION_FIT_FRACTION = 0.5
 
-# Config keys that identify a model's attention geometry and weights layout.
-# Two models with the same values here share a fingerprint (e.g. fine-tunes of
-# one base); thresholds usually do not transfer between them, so the model
-# block also records the model's name for humans.
-FINGERPRINT_KEYS = (
-    "architectures",
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "rope_theta",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-)
-
-
 class ThresholdFileError(ValueError):
     """A threshold file cannot be used; the message names the file and the fix."""
-
-
-def _rope_theta(hf_config) -> float | None:
-    theta = getattr(hf_config, "rope_theta", None)
-    if theta is None:
-        params = getattr(hf_config, "rope_parameters", None) or {}
-        theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return None if theta is None else float(theta)
-
-
-def model_identity_values(hf_config) -> dict:
-    """The config values the fingerprint covers, read from a HF config."""
-    values = {}
-    for key in FINGERPRINT_KEYS:
-        if key == "rope_theta":
-            values[key] = _rope_theta(hf_config)
-        elif key == "head_dim":
-            head_dim = getattr(hf_config, "head_dim", None)
-            if head_dim is None:
-                head_dim = hf_config.hidden_size // hf_config.num_attention_heads
-            values[key] = int(head_dim)
-        elif key == "num_key_value_heads":
-            values[key] = getattr(hf_config, key, None) or hf_config.num_attention_heads
-        else:
-            value = getattr(hf_config, key, None)
-            values[key] = list(value) if isinstance(value, (list, tuple)) else value
-    return values
-
-
-def model_fingerprint(hf_config) -> str:
-    blob = json.dumps(model_identity_values(hf_config), sort_keys=True)
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-class ModelIdentity(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    architecture: str
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_size: int = Field(gt=0)
-    fingerprint: str
-
-    @classmethod
-    def from_hf_config(cls, hf_config, name: str) -> "ModelIdentity":
-        values = model_identity_values(hf_config)
-        return cls(
-            name=name,
-            architecture=(values["architectures"] or ["unknown"])[0],
-            num_layers=values["num_hidden_layers"],
-            num_heads=values["num_attention_heads"],
-            num_kv_heads=values["num_key_value_heads"],
-            head_size=values["head_dim"],
-            fingerprint=model_fingerprint(hf_config),
-        )
 
 
 class Compensation(BaseModel):
@@ -117,6 +41,8 @@ class Compensation(BaseModel):
     # "block": each V block's dropped mass times its own mean(V) (SPEC §4); files
     # without the field compensate over the whole sequence, as before.
     vmc_scope: VmcScope = VmcScope.SEQUENCE
+    # The KV page (tokens) block-wise VMC was calibrated at; the served page should be the same.
+    block_size: int | None = Field(default=None, gt=0)
 
 
 class Provenance(BaseModel):
@@ -267,10 +193,13 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed in a threshold file")
 
 
-def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) -> None:
-    """Refuse thresholds calibrated for another model (start-up check)."""
+def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path,
+                        allow_mismatch: bool = False) -> list[str]:
+    """Refuse thresholds calibrated for another model (start-up check); returns the differences
+    `allow_mismatch` let through, for the caller to log. A different geometry is always refused."""
     served = ModelIdentity.from_hf_config(hf_config, name="served")
     mine = thresholds.model
+    tolerated = []
     for field in ("num_layers", "num_heads", "num_kv_heads", "head_size"):
         if getattr(mine, field) != getattr(served, field):
             raise ThresholdFileError(
@@ -280,12 +209,16 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
                 "calibrate it with `vllm-topt-calibrate`."
             )
     if mine.fingerprint != served.fingerprint:
-        raise ThresholdFileError(
-            f"TOPT threshold file {path} was calibrated for {mine.name} (fingerprint "
-            f"{mine.fingerprint}), but the served model's config has fingerprint "
-            f"{served.fingerprint}. Use the thresholds of this model or calibrate it "
-            "with `vllm-topt-calibrate`."
-        )
+        difference = (f"config fingerprint: the file's is {mine.fingerprint} ({mine.name}), the served model's "
+                      f"{served.fingerprint}")
+        if not allow_mismatch:
+            raise ThresholdFileError(
+                f"TOPT threshold file {path} was calibrated for {mine.name} (fingerprint "
+                f"{mine.fingerprint}), but the served model's config has fingerprint "
+                f"{served.fingerprint}. Use the thresholds of this model or calibrate it "
+                "with `vllm-topt-calibrate` (or set \"allow_model_mismatch\": true to serve it anyway)."
+            )
+        tolerated.append(difference)
     windowed = sliding_window_layers(text_config(hf_config))
     thresholded = [layer for layer in windowed if not thresholds.is_dense_layer(layer)]
     if thresholded:
@@ -295,6 +228,45 @@ def check_matches_model(thresholds: ThresholdFile, hf_config, path: str | Path) 
             "calibrated with them sparse. Recalibrate with `vllm-topt-calibrate` (it records sliding-window "
             "layers as dense)."
         )
+    return tolerated
+
+
+# What block-wise VMC's page grain was measured to change (docs/accuracy.md, SmolLM2 k=32, BBC held-out).
+PAGE_GRAIN_EFFECT = ("on SmolLM2 at k=32 held-out perplexity moved from +1.65% at 128-token pages to +1.33% at "
+                     "16: a finer page helps a little, a coarser one tends towards sequence-wide VMC (+1.69%)")
+
+
+def page_size_warning(thresholds: ThresholdFile, block_size: int, path: str | Path) -> str | None:
+    """A warning when block-wise VMC runs at another page size than it was calibrated at (None: same, or n/a)."""
+    comp = thresholds.compensation
+    if comp.vmc_scope is not VmcScope.BLOCK or not comp.vmc or comp.block_size in (None, block_size):
+        return None
+    return (f"TOPT threshold file {path} calibrated block-wise VMC at {comp.block_size}-token KV pages, but this "
+            f"server pages by {block_size} tokens; its recorded held-out loss holds at {comp.block_size} "
+            f"(--block-size {comp.block_size}). Measured: {PAGE_GRAIN_EFFECT}.")
+
+
+def describe(thresholds: ThresholdFile) -> str:
+    """One line on what a file does and what it was measured to cost, for the start-up log."""
+    comp = thresholds.compensation
+    k = f"mean k={thresholds.target_k} (per-layer budget)" if thresholds.layer_k else f"k={thresholds.target_k}"
+    vmc = "no VMC" if not comp.vmc else (
+        f"block VMC at {comp.block_size or '?'}-token pages" if comp.vmc_scope is VmcScope.BLOCK else "sequence VMC")
+    line = (f"{k}, {thresholds.placement}, {vmc}, {len(thresholds.thresholded_layers())} of "
+            f"{thresholds.model.num_layers} layers thresholded; calibrated on {thresholds.model.name}")
+    heldout = getattr(thresholds.provenance, "heldout", None) or {}
+    if not heldout:
+        return line + "; no held-out measurement recorded"
+    perplexity = heldout.get("perplexity") or {}
+    loss = (f"perplexity {perplexity['loss_pct']:+.2f}% vs dense" if "loss_pct" in perplexity
+            else "perplexity not recorded")
+    # Files calibrated before densities were recorded carry them from their perplexity run.
+    measured = {**perplexity, **heldout}
+    densities = ", ".join(f"{measured[key]:.1%} {label}" for key, label in
+                          (("element_density", "of elements"), ("v_row_density", "V rows"),
+                           ("v_block_density", "V blocks")) if key in measured) or "densities not recorded"
+    return f"{line}; held-out ({heldout.get('data', 'unnamed data')}): {loss}, {densities}, kept/k " \
+           f"{heldout.get('kept_over_k', float('nan')):.2f}"
 
 
 def shipped_config_files() -> list[Path]:
@@ -303,22 +275,29 @@ def shipped_config_files() -> list[Path]:
 
 
 def find_shipped_thresholds(hf_config, operating_point: str = "speed") -> Path | None:
-    """The shipped threshold file for the served model at an operating point.
+    """The shipped threshold file for the served model at an operating point (matched by fingerprint).
 
-    "speed": the k=32 file (the default); "quality": `*.quality.json`, within
-    1% of dense perplexity on held-out text at <= 10% of attention elements.
+    "speed": the k=32 file; "quality": `*.quality.json`, calibrated to a
+    per-layer budget (mean k=48) with block-wise compensation. A shipped file
+    that does not load is an error naming it, never skipped.
     """
     fingerprint = model_fingerprint(hf_config)
     quality = operating_point == "quality"
     for path in shipped_config_files():
-        if path.name.endswith(QUALITY_SUFFIX) != quality:
-            continue
-        try:
-            if json.loads(path.read_text())["model"]["fingerprint"] == fingerprint:
-                return path
-        except (OSError, KeyError, TypeError, json.JSONDecodeError):
-            continue
+        if path.name.endswith(QUALITY_SUFFIX) == quality and load_shipped(path).model.fingerprint == fingerprint:
+            return path
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def load_shipped(path: Path) -> ThresholdFile:
+    try:
+        return load_threshold_file(path)
+    except ThresholdFileError as exc:
+        raise ThresholdFileError(
+            f"{exc}\nThis file ships with vllm-topt ({path.parent}): the installation is damaged. "
+            "Reinstall vllm-topt (pip install --force-reinstall vllm-topt)."
+        ) from exc
 
 
 class LayerThresholds:
