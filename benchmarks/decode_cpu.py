@@ -220,6 +220,9 @@ def run(args) -> list[dict]:
     H = capture["q"][capture["contexts"][0]].shape[2]
     scale = capture["scale"]
     rules, tables, file = layer_rules(args.thresholds, L, H)
+    also_rules, also_tables, _ = layer_rules(args.also_thresholds, L, H)
+    if args.layers is not None:
+        also_rules, also_tables = [also_rules[i] for i in args.layers], [also_tables[i] for i in args.layers]
     capture, rules, tables = select_layers(capture, rules, tables, args.layers)
     L = len(rules)
     dense_rules = [ToptRule(dense=True)] * L
@@ -246,6 +249,10 @@ def run(args) -> list[dict]:
                                          args.repeats)
                 finally:
                     set_team_mode("adaptive")
+            if args.also_thresholds:
+                out_also = [torch.empty(bsz, H, d) for _ in range(L)]
+                t_also = time_steps(functools.partial(topt_step, batch, scale, also_rules, also_tables, out_also),
+                                    args.repeats)
             if args.block_vmc:
                 out_block = [torch.empty(bsz, H, d) for _ in range(L)]
                 t_block = time_steps(functools.partial(topt_step, batch, scale, block_rules, tables, out_block),
@@ -267,6 +274,12 @@ def run(args) -> list[dict]:
         })
         if args.fixed_team:
             rows[-1] |= {"topt_fixed_team_ms": 1e3 * t_fixed, "speedup_topt_fixed_team": t_dense / t_fixed}
+        if args.also_thresholds:
+            also = topt_step(batch, scale, also_rules, also_tables, out_also)
+            rows[-1] |= {"also_ms": 1e3 * t_also, "speedup_also": t_dense / t_also,
+                         "also_of_ceiling": (t_dense / t_also) / ceiling(also.v_row_density),
+                         "also_element_density": also.element_density, "also_v_row_density": also.v_row_density,
+                         "rel_err_also": relative_error(out_also, out_dense)}
         if args.block_vmc:
             topt_step(batch, scale, block_rules, tables, out_block)
             rows[-1] |= {"topt_block_vmc_ms": 1e3 * t_block, "block_vmc_over_topt": t_block / t_topt,
@@ -280,12 +293,17 @@ def print_table(rows: list[dict], header: str) -> None:
             "of ceiling", "solo %", "elem %", "V row %", "V blk %", "kept/k", "err off", "err TOPT")
     fixed = "topt_fixed_team_ms" in rows[0]
     block = "topt_block_vmc_ms" in rows[0]
+    also = "also_ms" in rows[0]
+    cols += ("2nd file ms", "2nd x", "2nd of ceiling", "2nd elem %", "2nd V row %", "2nd err") if also else ()
     cols += ("fixed-team ms", "fixed-team x") if fixed else ()
     cols += ("block-VMC ms", "block/TOPT time", "err block-VMC") if block else ()
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
-        extra = [f"{r['topt_fixed_team_ms']:.2f}", f"{r['speedup_topt_fixed_team']:.2f}"] if fixed else []
+        extra = [f"{r['also_ms']:.2f}", f"{r['speedup_also']:.2f}", f"{100 * r['also_of_ceiling']:.0f}%",
+                 f"{100 * r['also_element_density']:.1f}", f"{100 * r['also_v_row_density']:.1f}",
+                 f"{r['rel_err_also']:.3f}"] if also else []
+        extra += [f"{r['topt_fixed_team_ms']:.2f}", f"{r['speedup_topt_fixed_team']:.2f}"] if fixed else []
         extra += [f"{r['topt_block_vmc_ms']:.2f}", f"{r['block_vmc_over_topt']:.3f}",
                   f"{r['rel_err_topt_block_vmc']:.3f}"] if block else []
         kk = "-" if r["kept_over_k"] is None else f"{r['kept_over_k']:.2f}"
@@ -308,6 +326,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capture", required=True, help="file written by benchmarks/capture_qkv.py")
     parser.add_argument("--thresholds", default=None, help="the captured model's threshold file")
+    parser.add_argument("--also-thresholds", default=None,
+                        help="a second file of the same model, timed in the same run (e.g. the speed file beside "
+                             "the quality file)")
     parser.add_argument("--contexts", type=int, nargs="*", default=None, help="default: the capture's")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--block-size", type=int, default=128, help="TOPT's and CPU_ATTN's default on CPU")
@@ -339,7 +360,8 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": model, "threads": torch.get_num_threads(), "binding": binding_label(),
-                                               "thresholds": args.thresholds, "rows": rows}, indent=1))
+                                               "thresholds": args.thresholds,
+                                               "also_thresholds": args.also_thresholds, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
 

@@ -74,7 +74,8 @@ def heldout_ids(model: Path) -> list[int]:
 
 
 class Server:
-    def __init__(self, model: Path, backend: str, max_len: int, max_seqs: int, stats_file: str, log_path: Path):
+    def __init__(self, model: Path, backend: str, max_len: int, max_seqs: int, stats_file: str, log_path: Path,
+                 operating_point: str | None = None):
         self.port = free_port()
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -83,7 +84,9 @@ class Server:
             "--host", "127.0.0.1", "--port", str(self.port),
         ]
         if backend == "TOPT":
-            cmd += ["--additional-config", json.dumps({"topt": {"stats_file": stats_file, "telemetry_interval_s": 1}})]
+            topt = {"stats_file": stats_file, "telemetry_interval_s": 1}
+            topt |= {"operating_point": operating_point} if operating_point else {}
+            cmd += ["--additional-config", json.dumps({"topt": topt})]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", every_core_binding() or "auto")
@@ -170,18 +173,21 @@ def text_needed(args) -> int:
     return len(spans) * max(spans) * ((1 + args.repeats * max(args.batch)) if args.distinct else 1)
 
 
-def run_backend(backend: str, args, ids: list[int], workdir: Path) -> tuple[list[dict], dict | None]:
-    stats_file = str(workdir / "topt_stats.json")
+def run_backend(backend: str, args, ids: list[int], workdir: Path,
+                operating_point: str | None = None) -> tuple[list[dict], dict | None]:
+    label = f"{backend} {operating_point}" if operating_point else backend
+    stats_file = str(workdir / f"topt_stats_{operating_point or 'default'}.json")
     max_len = max(args.prompt_tokens) + SUFFIX_TOKENS + args.new_tokens + 8
-    server = Server(args.model, backend, max_len, max(args.batch), stats_file, workdir / f"{backend}.log")
+    server = Server(args.model, backend, max_len, max(args.batch), stats_file, workdir / f"{label}.log",
+                    operating_point)
     try:
         rows = []
         for window, (prompt_tokens, batch, load) in enumerate(cases(args)):
-            print(f"  {backend}: prompt {prompt_tokens}, batch {batch}, load {load}", flush=True)
+            print(f"  {label}: prompt {prompt_tokens}, batch {batch}, load {load}", flush=True)
             with competing_load(load):
                 row = run_case(server, ids, window, prompt_tokens, batch, args.new_tokens, args.repeats,
                                args.distinct)
-            rows.append({"backend": backend, "load": load, **row})
+            rows.append({"backend": backend, "operating_point": operating_point, "load": load, **row})
         time.sleep(2)  # let the last telemetry tick land
     finally:
         server.stop()
@@ -189,9 +195,9 @@ def run_backend(backend: str, args, ids: list[int], workdir: Path) -> tuple[list
     return rows, stats
 
 
-def print_table(dense: list[dict], topt: list[dict]) -> None:
-    cols = ("prompt", "B", "load", "CPU_ATTN tok/s", "TOPT tok/s", "TOPT x", "TTFT cold dense s", "TTFT cold TOPT s",
-            "TTFT batch dense s", "TTFT batch TOPT s", "same text", "common prefix")
+def print_table(dense: list[dict], topt: list[dict], label: str = "TOPT") -> None:
+    cols = ("prompt", "B", "load", "CPU_ATTN tok/s", f"{label} tok/s", f"{label} x", "TTFT cold dense s",
+            f"TTFT cold {label} s", "TTFT batch dense s", f"TTFT batch {label} s", "same text", "common prefix")
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for d, t in zip(dense, topt):
@@ -205,6 +211,14 @@ def print_table(dense: list[dict], topt: list[dict]) -> None:
         ]))
 
 
+def print_telemetry(stats: dict | None, label: str) -> None:
+    if stats:
+        t = stats["total"]
+        print(f"{label} telemetry over the run (all cases, decode rows): {100 * t['element_density']:.1f}% of "
+              f"attention elements kept, {100 * t['v_row_density']:.1f}% of V rows and "
+              f"{100 * t['v_block_density']:.1f}% of V blocks read, kept/k {t['kept_over_k']:.2f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -216,6 +230,8 @@ def main(argv=None) -> None:
                         help="no shared prefix: every row gets its own prompt, prefilled in full")
     parser.add_argument("--load", type=int, nargs="+", default=[0],
                         help="competing single-threaded busy processes per case (e.g. 0 1: idle and busy)")
+    parser.add_argument("--operating-points", nargs="+", choices=["speed", "quality"], default=None,
+                        help="one TOPT server per operating point, same run (default: the server's default file)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     ids = heldout_ids(args.model)
@@ -225,21 +241,22 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         dense, _ = run_backend("CPU_ATTN", args, ids, workdir)
-        topt, stats = run_backend("TOPT", args, ids, workdir)
+        points = {point: run_backend("TOPT", args, ids, workdir, point) for point in args.operating_points or [None]}
     prompts = "distinct prompts" if args.distinct else "shared prefix"
     binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", every_core_binding() or "auto")
     print(f"\n{args.model.name}, float32, {os.cpu_count()} CPUs (engine OMP binding {binding!r}), "
           f"{args.new_tokens} new tokens per request, {prompts}; load = competing busy processes")
-    print_table(dense, topt)
-    if stats:
-        t = stats["total"]
-        print(f"TOPT telemetry over the run (all cases, decode rows): {100 * t['element_density']:.1f}% of attention "
-              f"elements kept, {100 * t['v_row_density']:.1f}% of V rows and {100 * t['v_block_density']:.1f}% of "
-              f"V blocks read, kept/k {t['kept_over_k']:.2f}")
+    for point, (topt, stats) in points.items():
+        label = f"TOPT {point}" if point else "TOPT"
+        print_table(dense, topt, label)
+        print_telemetry(stats, label)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"omp_threads_bind": binding, "dense": dense, "topt": topt,
-                                                "topt_stats": stats}, indent=1))
+        topt, stats = next(iter(points.values()))
+        Path(args.json).write_text(json.dumps({
+            "omp_threads_bind": binding, "dense": dense, "topt": topt, "topt_stats": stats,
+            "operating_points": {point or "default": {"topt": t, "topt_stats": st} for point, (t, st) in points.items()},
+        }, indent=1))
         print(f"wrote {args.json}")
 
 
