@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def main() -> None:
 
     results = {}
     for backend in ("CPU_ATTN", "TOPT"):
-        stats_file = f"/tmp/topt-bench-{os.getpid()}.json"
+        stats_file = str(Path(tempfile.gettempdir()) / f"topt-bench-{os.getpid()}.json")
         cmd = [sys.executable, __file__, "--backend", backend, "--stats-file", stats_file] + sys.argv[1:]
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         line = next((l for l in out.stdout.splitlines() if l.startswith(MARKER)), None)
