@@ -1,7 +1,7 @@
 """Every GPU check of the Triton Top-θ decode kernel, in one run (< 8 minutes on an H200).
 
     python benchmarks/gpu_check.py --out .cache/gpu_check [--capture PATH] [--peak-gbps 4800]
-    python benchmarks/gpu_check.py --interpret --smoke --out /tmp/gpu_check   # CPU, Triton interpreter
+    python benchmarks/gpu_check.py --interpret --smoke --out .cache/gpu_check_cpu   # CPU, Triton interpreter
 
 Needs torch and triton only (no vLLM, no network): it imports
 `vllm_topt.kernels` and `vllm_topt.method.reference` from this checkout.

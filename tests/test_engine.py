@@ -30,10 +30,13 @@ PROMPTS = [
 MAX_TOKENS = 48
 TOP_LOGPROBS = 5
 # Decode-path fidelity on the long prompts: the largest |log p_TOPT - log p_dense| over dense's top-5
-# next tokens, at every position whose context both runs share. Measured on 2026-12-02 with the shipped
-# thresholds: 0.33 nats at most; a kernel reading the wrong KV head's V blocks: > 2 nats, or no top-5
-# token in common.
+# next tokens, at every position whose context both runs share. Measured with the k=32 (speed) file:
+# 0.33 nats at most (2026-12-02 and 2026-12-06); a kernel reading the wrong KV head's V blocks: > 2 nats,
+# or no top-5 token in common. This is a kernel check, so it runs on the file the bound was measured on:
+# the quality file (the default) reaches 1.67 nats at one position of the 900-word prompt (0.17 on the
+# 400-word one; C++ and torch kernels alike, and 1.88 with sequence VMC), too close to a broken kernel's.
 MAX_LOGPROB_DEVIATION = 0.75
+SPARSE_OPERATING_POINT = "speed"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def topt_no_sparsity(tmp_dir):
 @pytest.fixture(scope="module")
 def topt_sparse(tmp_dir):
     stats = tmp_dir / "sparse.json"
-    topt = {"stats_file": str(stats), "telemetry_interval_s": 0}
+    topt = {"stats_file": str(stats), "telemetry_interval_s": 0, "operating_point": SPARSE_OPERATING_POINT}
     spec = {"backend": "TOPT", "topt": topt, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS}
     result = run_engine(spec, tmp_dir, "sparse")
     result["stats"] = json.loads(stats.read_text())
@@ -93,7 +96,7 @@ def test_shipped_thresholds_sparsify(topt_sparse):
     assert_every_decode_step_counted(total, topt_sparse)
     assert total["element_density"] < 0.5, total
     assert total["v_block_density"] < 1.0 and total["v_row_density"] < total["v_block_density"] + 1e-9
-    assert stats["target_k"] == 48  # the default: the model's shipped quality file (mean k=48)
+    assert stats["target_k"] == 32  # the speed file (the default, the quality file, is checked in test_server.py)
     # Held-out prompts (not calibration text): the achieved kept count tracks the target k.
     assert 0.6 <= total["kept_over_k"] <= 1.4, total
     per_layer = stats["per_layer"]
@@ -103,7 +106,7 @@ def test_shipped_thresholds_sparsify(topt_sparse):
 
 def test_sparse_answers_stay_sensible(dense, topt_sparse):
     assert "Paris" in topt_sparse["texts"][0]
-    # Short prompts (rows grow past most layers' k while generating): the same greedy text as dense.
+    # Short prompts (rows grow past k=32 while generating): the same greedy text as dense.
     assert topt_sparse["token_ids"][:2] == dense["token_ids"][:2]
 
 
