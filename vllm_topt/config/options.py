@@ -88,6 +88,11 @@ def resolve_thresholds_checked(options: ToptOptions, hf_config, model_name: str)
     return thresholds, path, tolerated
 
 
+def calibrate_command(model_name: str) -> str:
+    """The calibration that makes a quality file like the shipped ones, for error messages."""
+    return f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json`"
+
+
 def shipped_path(options: ToptOptions, hf_config, model_name: str) -> Path:
     """The shipped file at the chosen operating point; by default quality where one ships, else speed."""
     point = options.operating_point or DEFAULT_OPERATING_POINT
@@ -99,14 +104,13 @@ def shipped_path(options: ToptOptions, hf_config, model_name: str) -> Path:
             f"TOPT ships no quality threshold file for model {model_name} (shipped: "
             f"{', '.join(p.name for p in shipped_config_files() if p.name.endswith(QUALITY_SUFFIX))}). "
             "Drop \"operating_point\" for the shipped default, or calibrate a quality point with "
-            f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json` "
-            "and pass it as \"thresholds\"."
+            f"{calibrate_command(model_name)} and pass it as \"thresholds\"."
         )
     if path is None:
         raise ThresholdFileError(
             f"TOPT has no shipped threshold file for model {model_name}. Calibrate one with "
-            f"`vllm-topt-calibrate --model {model_name} --budget-k 48 --vmc-scope block --out thresholds.json` "
-            "and pass it with --additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
+            f"{calibrate_command(model_name)} and pass it with "
+            "--additional-config '{\"topt\": {\"thresholds\": \"thresholds.json\"}}'."
         )
     return path
 
@@ -121,8 +125,7 @@ def check_served_identity(thresholds: ThresholdFile, path: Path, served_model: s
     if found and recorded and not allow_mismatch:
         raise ThresholdFileError(
             f"TOPT threshold file {path} was made for another model ({'; '.join(found)}). Thresholds do not "
-            f"transfer between models. Calibrate this one: `vllm-topt-calibrate --model {served_model} "
-            "--budget-k 48 --vmc-scope block --out thresholds.json`, then pass --additional-config "
+            f"transfer between models. Calibrate this one: {calibrate_command(served_model)}, then pass --additional-config "
             "'{\"topt\": {\"thresholds\": \"thresholds.json\"}}'; or, to serve it with this file anyway, add "
             "\"allow_model_mismatch\": true to the topt block."
         )
