@@ -122,6 +122,9 @@ def _topt_scores_kernel(
         if not DENSE:
             page_max = tl.max(tl.reshape(s, (GP, PAGES, BS)), axis=2)
             pg = t * PAGES + pg_in
+            # One writer per (row, head, page): segments own disjoint tiles, programs disjoint heads. The
+            # sparse kernel reads these (and the log-sum-exps below) in a later launch on the same
+            # stream, so after this one ends: plain stores, no barrier.
             tl.store(BMAX + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :], page_max,
                      mask=head_ok[:, None] & (pg < num_pages)[None, :])
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a visible key
@@ -148,6 +151,8 @@ def _topt_scores_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    # Stored by every program, an empty segment's too (m = -inf, sums 0), so the later launches
+    # that combine all NSEG slots never read a stale one.
     part = b * stride_pb + h * stride_ph + seg
     tl.store(PM + part, m_i, mask=head_ok)
     tl.store(PL + part, l_i, mask=head_ok)
@@ -204,6 +209,8 @@ def _topt_sparse_kernel(
     h = g * G + i
     d = tl.arange(0, DP)
     d_ok = d < D
+    # Every segment's m and Σexp come from the scores kernel, an earlier launch on the same
+    # stream: complete here, whichever program wrote them.
     # The row's max m and exp-sum S per head, combined over the segments.
     seg_part = b * stride_pb + h[:, None] * stride_ph + tl.arange(0, NSEG)[None, :]
     seg_m = tl.load(PM + seg_part, mask=head_ok[:, None], other=float("-inf"))
@@ -271,6 +278,7 @@ def _topt_sparse_kernel(
             if BLOCK_VMC:
                 # A read page's dropped mass replaces its log-sum-exp (read back after the loop).
                 lost = tl.sum(tl.reshape(tl.where(keep, 0.0, e), (GP, PAGES, BS)), axis=2)
+                # Only this program writes (or reads) these pages in this launch: its segment's, its heads'.
                 tl.store(BMAX + stride_bmp + b * stride_bmb + h[:, None] * stride_bmh + pg[None, :], lost,
                          mask=head_ok[:, None] & (page_alive > 0)[None, :])
             keep_i = keep.to(tl.int32)
@@ -302,6 +310,12 @@ def _topt_sparse_kernel(
     if BLOCK_VMC:
         # A second pass over the pages, once acc is stored: beside acc, a second [GP, DP] accumulator
         # would cost the main loop ~25 registers.
+        # The barrier (bar.sync: every thread of this program waits, and its earlier global stores
+        # become visible to the others) orders the main loop's dropped-mass stores before the loads
+        # below: the thread that stored an element need not be the one that loads it (the layouts
+        # differ). No other program touches these pages, so nothing wider is needed. The loads take
+        # a stored mass exactly where the main loop stored one: page_alive is recomputed from the
+        # same inputs.
         tl.debug_barrier()  # the dropped masses stored above, by other threads
         v_mean = tl.zeros([GP, DP], tl.float32)
         dropped = tl.zeros([GP], tl.float32)
@@ -356,6 +370,8 @@ def _topt_combine_kernel(
     S = tl.where(S > 0.0, S, 1.0)
     sparse_row = n > k_target
 
+    # PM, PL above and the partials below come from the earlier launches on the same stream (the
+    # scores kernel, and the sparse kernel on sparse layers): complete here, nothing to synchronise.
     acc = tl.zeros([GP, DP], tl.float32)
     dropped_v = tl.zeros([GP, DP], tl.float32)  # block-wise VMC: Σ_b d_b · mean(V of b)
     dropped = tl.zeros([GP], tl.float32)  # and Σ_b d_b
@@ -433,6 +449,10 @@ def _topt_combine_kernel(
             val = tl.where(f == _THRESHOLDED_ROWS, G * thresholded, val)
             val = tl.where(f == _THRESHOLDED_KEPT, kept.to(tl.int64) * thresholded, val)
             val = tl.where(f == _THRESHOLDED_TARGET, (k_target * G) * thresholded, val)
+        # Atomic because several programs add to one counter row: a row's KV heads, and with a row
+        # stride of 0 every row of the batch. Integer adds commute, so the sums are exact in any
+        # order; nothing in this launch reads the counters (the host or a later launch does, after
+        # it, in stream order), so no ordering between programs is needed.
         num_fields = tl.where(n > 0, _NUM_COUNTERS, 0)
         tl.atomic_add(CNT + b * stride_cnt + f, val, mask=f < num_fields)
 
