@@ -113,6 +113,13 @@ def _teach_platform(platform_cls, is_cpu: bool) -> None:
             check_topt_config(vllm_config, is_cpu)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    if not is_cpu:
+        # The KV budget vLLM profiles leaves room for TOPT's V sums (only when TOPT serves).
+        from vllm.v1.worker.gpu_worker import Worker
+
+        from vllm_topt.backends.cuda_memory import install_kv_budget_hook
+
+        install_kv_budget_hook(Worker)
     if is_cpu:
         original_select = platform_cls.get_attn_backend_cls.__func__
 

@@ -7,6 +7,16 @@ with `snapshot()` in that process, or from anywhere through the JSON file the
 
     topt: decode kept 5.4% of attention elements, read 8.4% of V rows and 53.7% of V blocks
           (k=32, kept/k 0.91 on rows with n > k, 5.0k rows)
+
+Two sources feed the per-layer counts. The CPU backend records Python counts
+as each layer runs. On a device, every layer's kernels add to its row of one
+counter bank (`counter_bank`, [layers, NUM_COUNTERS] int64) without a host
+sync, so a replayed CUDA graph counts too; a report copies the whole bank to
+the host once, without blocking, and is written when the copy has landed
+(`poll_report`, called by the metadata builder, the code that runs on every
+step whether or not the step replays a graph). Counts added while vLLM warms
+up and captures graphs are dropped at the first step after capture
+(`note_capture`, `begin_step`).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,10 +34,19 @@ from vllm_topt.method.rules import NUM_COUNTERS, DensityCounts
 
 _lock = threading.Lock()
 _per_layer: dict[int, DensityCounts] = {}
-_state = {"last_tick": time.monotonic()}
-# Per-layer counter tensors a device kernel adds to (COUNTER_FIELDS order, [rows, NUM_COUNTERS]);
-# moved into the per-layer counts (one sync) when a report is due.
-_device_counters: dict[int, torch.Tensor] = {}
+_state = {"last_tick": time.monotonic(), "capture_seen": False}
+
+
+@dataclass
+class _Bank:
+    """Every layer's device counters (row = layer index) and the host buffer a report copies them into."""
+
+    counters: torch.Tensor  # [layers, NUM_COUNTERS] int64, on the device; kernels add to it
+    host: torch.Tensor  # same shape, pinned on CUDA: the landing place of the one copy per report
+    copy_done: Any = None  # a CUDA event while a copy is in flight
+
+
+_bank: list[_Bank] = []  # zero or one
 
 
 @dataclass(frozen=True)
@@ -66,26 +86,101 @@ def batch_counts() -> dict[str, int]:
         return dict(_batches)
 
 
-def register_device_counters(layer: int, counters: torch.Tensor) -> None:
-    """A layer's device counter tensor; read and zeroed at each report."""
+def counter_bank(num_layers: int, device) -> torch.Tensor:
+    """The process's device counters, [num_layers, NUM_COUNTERS] int64, zeroed; made once, before any capture.
+
+    Layer i's kernels add to row i (`layer_counters`); a graph captured on them keeps adding on replay."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     with _lock:
-        _device_counters[layer] = counters
+        if _bank:
+            bank = _bank[0]
+            if bank.counters.device != device or bank.counters.shape[0] < num_layers:
+                raise RuntimeError(f"TOPT counter bank holds {bank.counters.shape[0]} layers on "
+                                   f"{bank.counters.device}, not {num_layers} on {device}")
+            return bank.counters
+        counters = torch.zeros(num_layers, NUM_COUNTERS, dtype=torch.int64, device=device)
+        host = torch.zeros(num_layers, NUM_COUNTERS, dtype=torch.int64, pin_memory=counters.is_cuda)
+        _bank.append(_Bank(counters, host))
+        return counters
 
 
-def flush_device_counters() -> None:
+def layer_counters(layer: int) -> torch.Tensor:
+    """Layer `layer`'s row of the counter bank, [1, NUM_COUNTERS] (a view: adding to it adds to the bank)."""
     with _lock:
-        device = list(_device_counters.items())
-    for layer, counters in device:
-        values = counters.reshape(-1, NUM_COUNTERS).sum(dim=0).tolist()
-        counters.zero_()
+        if not _bank:
+            raise RuntimeError("TOPT counter bank not allocated (counter_bank) before the layer's first step")
+        return _bank[0].counters[layer : layer + 1]
+
+
+def note_capture() -> None:
+    """A forward ran under CUDA-graph capture: what warm-up and capture counted is dropped at the next real step."""
+    _state["capture_seen"] = True
+
+
+def begin_step(num_decodes: int, has_prefill: bool, capture_phase: bool = False) -> None:
+    """Once per engine step, before its forward (the metadata builder's `build`).
+
+    capture_phase: vLLM is still warming up and capturing graphs; the first step
+    after that drops everything counted so far, if a capture ran.
+    """
+    if _state["capture_seen"] and not capture_phase:
+        _discard_warmup()
+    record_batch(num_decodes, has_prefill)
+
+
+def _discard_warmup() -> None:
+    with _lock:
+        _state["capture_seen"] = False
+        _per_layer.clear()
+        for kind in _batches:
+            _batches[kind] = 0
+        for bank in _bank:
+            bank.counters.zero_()
+            bank.copy_done = None
+
+
+def _start_copy(bank: _Bank) -> None:
+    """Move the bank to the host (one copy, non-blocking) and zero it; stream order keeps the two apart."""
+    bank.host.copy_(bank.counters, non_blocking=bank.counters.is_cuda)
+    bank.counters.zero_()
+    if bank.counters.is_cuda:
+        bank.copy_done = torch.cuda.Event()
+        bank.copy_done.record()
+    else:
+        bank.copy_done = None
+        _fold(bank)
+
+
+def _fold(bank: _Bank) -> None:
+    """Add the landed host copy into the per-layer counts."""
+    bank.copy_done = None
+    for layer, values in enumerate(bank.host.tolist()):
         if values[0]:
             record(layer, DensityCounts.from_counters(values))
+
+
+def flush() -> None:
+    """Move the device counters into the per-layer counts now (waits for the device: off the hot path)."""
+    for bank in list(_bank):
+        if bank.copy_done is not None:
+            bank.copy_done.synchronize()
+            _fold(bank)
+        _start_copy(bank)
+        if bank.copy_done is not None:
+            bank.copy_done.synchronize()
+            _fold(bank)
+
+
+flush_device_counters = flush
 
 
 def reset() -> None:
     with _lock:
         _per_layer.clear()
-        _device_counters.clear()
+        _bank.clear()
+        _state["capture_seen"] = False
         for kind in _batches:
             _batches[kind] = 0
 
@@ -141,13 +236,41 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode 
     }
 
 
-def maybe_report(interval_s: float, logger, stats_file: str | None, mode: RunMode) -> None:
-    """Log the summary line and write the stats file if the interval elapsed."""
+def _due(interval_s: float) -> bool:
     now = time.monotonic()
     if now - _state["last_tick"] < interval_s:
-        return
+        return False
     _state["last_tick"] = now
-    flush_device_counters()
+    return True
+
+
+def maybe_report(interval_s: float, logger, stats_file: str | None, mode: RunMode) -> None:
+    """Log the summary line and write the stats file if the interval elapsed (waits for device counters)."""
+    if _due(interval_s):
+        flush()
+        _write_report(logger, stats_file, mode)
+
+
+def poll_report(interval_s: float, logger, stats_file: str | None, mode: RunMode) -> None:
+    """Once per step: when a report is due start the bank's copy; when the copy has landed, report.
+
+    Never waits for the device: a report is written at the first step after its copy completed."""
+    bank = _bank[0] if _bank else None
+    if bank is not None and bank.copy_done is not None:
+        if bank.copy_done.query():
+            _fold(bank)
+            _write_report(logger, stats_file, mode)
+        return
+    if not _due(interval_s):
+        return
+    if bank is not None:
+        _start_copy(bank)
+        if bank.copy_done is not None:
+            return
+    _write_report(logger, stats_file, mode)
+
+
+def _write_report(logger, stats_file: str | None, mode: RunMode) -> None:
     per_layer = snapshot()
     if not per_layer:
         return

@@ -87,6 +87,12 @@ VLLM_TOUCHPOINTS = (
     "vllm.distributed:get_tensor_model_parallel_world_size",
     "vllm.envs:VLLM_CPU_OMP_THREADS_BIND",
     "vllm.utils.import_utils:resolve_obj_by_qualname",
+    "vllm.utils.torch_utils:STR_DTYPE_TO_TORCH_DTYPE",
+    # the CUDA backend's memory and graph glue (cuda_memory.py, cuda.py)
+    "vllm.v1.worker.gpu_worker:Worker.determine_available_memory",
+    "vllm.compilation.monitor:cudagraph_capturing_enabled",
+    "vllm.config:ModelConfig.get_num_kv_heads",
+    "vllm.config:ModelConfig.get_num_attention_heads",
 )
 
 
@@ -121,9 +127,11 @@ VLLM_ATTRIBUTES = (
                  "tokenizer_revision", "trust_remote_code"),
     *_attributes("vllm.config:CacheConfig", "block_size", "user_specified_block_size", "cache_dtype"),
     "vllm.config:ParallelConfig.pipeline_parallel_size",
-    *_attributes("vllm.config:CompilationConfig", "static_forward_context", "cudagraph_capture_sizes"),
+    "vllm.config:CompilationConfig.static_forward_context",
     "vllm.config:SchedulerConfig.max_num_seqs",
     *_attributes("vllm.v1.attention.selector:AttentionSelectorConfig", "use_mla", "use_sparse"),
+    "vllm.v1.worker.worker_base:WorkerBase.vllm_config",  # the KV-budget hook reads the worker's config
+    "vllm.platforms.interface:Platform.device_type",
 )
 
 # Attributes a vLLM class sets on the attention layers it is given (`layer.attr = ...` in its code).

@@ -22,10 +22,13 @@ from vllm_topt.method.rules import DensityCounts, ToptRule
 from vllm_topt.method.reference import topt_attention_reference
 from vllm_topt.config.thresholds import LayerThresholds
 
-td, cuda_backend = load_interpreted("vllm_topt.kernels.triton.decode", "vllm_topt.backends.cuda")
+td, cuda_memory, cuda_backend = load_interpreted("vllm_topt.kernels.triton.decode",
+                                                 "vllm_topt.backends.cuda_memory", "vllm_topt.backends.cuda")
 from vllm_topt.backends import core  # noqa: E402
 
 H, H_KV, D, BS = 4, 2, 64, 16
+NUM_LAYERS = 3
+MAX_MODEL_LEN = 256
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,15 +41,16 @@ def triton_interpreter():
 def topt(monkeypatch):
     rule = ToptRule("post-softmax", "none", True, k=8)
     values = [[0.08, 0.03, 0.012], [0.06, 0.02, 0.01], [0.1, 0.04, 0.02], [0.05, 0.02, 0.008]]
+    plan = LayerPlan(rule, LayerThresholds([8, 64, 256], values, "post-softmax"))
     config = SimpleNamespace(
-        for_layer=lambda layer: LayerPlan(rule, LayerThresholds([8, 64, 256], values, "post-softmax")),
+        for_layer=lambda layer: plan, layers=(plan,) * NUM_LAYERS,
         options=SimpleNamespace(telemetry_interval_s=0.0), stats_file=None, mode=telemetry.RunMode(8),
     )
-    vllm_config = SimpleNamespace(
-        scheduler_config=SimpleNamespace(max_num_seqs=4), compilation_config=SimpleNamespace(cudagraph_capture_sizes=[])
-    )
-    monkeypatch.setattr(core, "process_config", lambda cfg, heads: config)
+    vllm_config = stub_vllm_config()
+    for module in (core, cuda_backend):
+        monkeypatch.setattr(module, "process_config", lambda cfg, heads: config)
     monkeypatch.setattr(cuda_backend, "get_current_vllm_config", lambda: vllm_config)
+    monkeypatch.setattr(cuda_memory, "_shared", {})
 
     def cache_write(self, layer, key, value, kv_cache, slot_mapping):  # reshape_and_cache_flash's semantics
         paged.write_kv(key, value, *paged.kv_cache_views(kv_cache, self.head_size), slot_mapping)
@@ -55,6 +59,15 @@ def topt(monkeypatch):
     telemetry.reset()
     yield config
     telemetry.reset()
+
+
+def stub_vllm_config(max_num_seqs=4, capture_sizes=(), context=None):
+    return SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+        compilation_config=SimpleNamespace(cudagraph_capture_sizes=list(capture_sizes),
+                                           static_forward_context=context or {}),
+        model_config=SimpleNamespace(max_model_len=MAX_MODEL_LEN), cache_config=SimpleNamespace(block_size=BS),
+    )
 
 
 def decode_metadata(seq_lens, block_table, scratch, num_segments=2):
@@ -121,19 +134,18 @@ def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt, monkeypatch,
         torch.testing.assert_close(output[i], ref, atol=2e-5, rtol=1e-4)
         ref_counts.add(counts)
     assert ref_counts.elements_kept < ref_counts.elements_visible
-    # Telemetry reads the device counters once per interval (0 here: every step), then zeroes them.
+    # The kernel added to the layer's row of the bank; a report moves it to the per-layer counts and zeroes it.
+    assert not telemetry.snapshot()
+    telemetry.flush()
     assert telemetry.snapshot()[0] == ref_counts
     assert int(state.counters.sum()) == 0
 
 
-def builder_stub(max_decodes=8):
+def builder_stub(max_decodes=8, layer_names=(), context=None):
     builder = cuda_backend.ToptCudaMetadataBuilder.__new__(cuda_backend.ToptCudaMetadataBuilder)
-    builder.layer_names = []
-    builder.vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context={}))
-    builder.max_decodes = max_decodes
-    builder.topt_segments = {b: td.choose_num_segments(b, H_KV) for b in range(1, max_decodes + 1)}
-    builder.topt_scratch = td.ToptScratch.allocate(max_decodes, H, H_KV, D, 8, device="cpu")
-    builder.topt_theta = torch.zeros(max_decodes, H)
+    builder.layer_names = list(layer_names)
+    builder.vllm_config = stub_vllm_config(max_decodes, context=context)
+    builder.topt_buffers = cuda_memory.shared_decode_buffers(builder.vllm_config, H, H_KV, D, False, "cpu")
     builder._prepared_cache_ptr = None
     return builder
 
@@ -177,7 +189,7 @@ def test_builder_splits_decodes_from_prefills(parent_build):
     assert (mixed.topt.num_decodes, mixed.topt.num_decode_tokens) == (2, 2)
     assert mixed.topt.decode_seq_lens.tolist() == [40, 9] and mixed.topt.decode_block_table.shape[0] == 2
     assert mixed.topt.prefill.query_start_loc.tolist() == [0, 5, 8] and mixed.topt.prefill.num_actual_tokens == 8
-    assert mixed.topt_num_segments == builder.topt_segments[2]
+    assert mixed.topt_num_segments == builder.topt_buffers.segments[2]
     decode_only = builder.build(0, common_metadata([1, 1, 1], [3, 4, 5]))
     assert decode_only.topt.num_decodes == 3 and decode_only.topt.prefill is None
     prefill_only = builder.build(0, common_metadata([4, 2], [4, 9]))
@@ -219,3 +231,182 @@ def test_sliding_window_layer_with_thresholds_is_refused(topt, monkeypatch):
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", kv_cache=kv_cache)
     with pytest.raises(RuntimeError, match="sliding window but thresholds.*recalibrate"):
         impl.layer_state(layer, kv_cache)
+
+
+# --------------------------------------------------------------------------- CUDA graphs: what a replay runs
+
+
+def window_layer(topt, monkeypatch, index=0, window=24):
+    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(ToptRule(dense=True), None))
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, window, "auto")
+    kv_cache = paged.allocate_kv_cache(16, BS, H_KV, D, torch.float32, generator=torch.Generator().manual_seed(0))
+    layer = SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn", kv_cache=kv_cache, impl=impl)
+    impl.layer_state(layer, kv_cache)  # as the builder's first build does, before any capture
+    return impl, layer, kv_cache
+
+
+def window_metadata(lengths):
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    batch = core.ToptBatch(len(lengths), len(lengths), seq_lens, torch.zeros(len(lengths), 5, dtype=torch.int32),
+                           prefill=None, first_layer=0, last_layer=0)
+    return SimpleNamespace(topt=batch)
+
+
+def test_window_rows_are_counted_inside_a_captured_forward(topt, monkeypatch):
+    """Under capture, Python in forward runs once and only device work is replayed: the window rows must be
+    added to the bank by that one run (device ops), or a replayed step would never count them."""
+    from vllm_topt.method.rules import window_counters
+
+    impl, layer, kv_cache = window_layer(topt, monkeypatch)
+    monkeypatch.setattr(cuda_backend.TritonAttentionImpl, "forward", lambda self, *a, **k: None)
+    monkeypatch.setattr(cuda_backend, "_capturing", lambda: True)
+    lengths = [5, 40, 0]  # the last row pads the batch up to the graph's size: no row, no keys
+    q = torch.zeros(3, H, D)
+    impl.forward(layer, q, q, q, kv_cache, window_metadata(lengths), torch.zeros(3, H, D))
+    bank_row = impl._state.counters
+    want = window_counters(torch.tensor(lengths), 24, H, H_KV, BS).sum(0)
+    assert torch.equal(bank_row[0], want) and int(want[0]) == 2
+
+
+def test_warm_up_and_capture_counts_are_dropped_at_the_first_real_step(topt, monkeypatch):
+    impl, layer, kv_cache = window_layer(topt, monkeypatch)
+    monkeypatch.setattr(cuda_backend.TritonAttentionImpl, "forward", lambda self, *a, **k: None)
+    capturing = {"now": False}
+    monkeypatch.setattr(cuda_backend, "_capturing", lambda: capturing["now"])
+    q = torch.zeros(2, H, D)
+    meta = window_metadata([30, 40])
+
+    def step():
+        impl.forward(layer, q, q, q, kv_cache, meta, torch.zeros(2, H, D))
+
+    step()  # a warm-up run before capture (eager)
+    capturing["now"] = True
+    step()  # the capture
+    capturing["now"] = False
+    telemetry.begin_step(2, False, capture_phase=True)  # vLLM still capturing other sizes: nothing dropped
+    assert int(impl._state.counters[0, 0]) == 4
+    telemetry.begin_step(2, False, capture_phase=False)  # the first real step
+    assert int(impl._state.counters.sum()) == 0 and not telemetry.snapshot()
+    assert telemetry.batch_counts()["decode_only"] == 1
+    step()
+    telemetry.flush()
+    assert telemetry.snapshot()[0].rows == 2
+
+
+def test_eager_runs_drop_nothing(topt, monkeypatch):
+    impl, layer, kv_cache = window_layer(topt, monkeypatch)
+    monkeypatch.setattr(cuda_backend.TritonAttentionImpl, "forward", lambda self, *a, **k: None)
+    q = torch.zeros(2, H, D)
+    impl.forward(layer, q, q, q, kv_cache, window_metadata([30, 40]), torch.zeros(2, H, D))
+    telemetry.begin_step(2, False, capture_phase=True)  # eager mode: vLLM's capture flag never drops
+    telemetry.flush()
+    assert telemetry.snapshot()[0].rows == 2
+
+
+def test_every_layer_counts_into_one_bank_read_with_one_copy(topt, monkeypatch):
+    layers = [window_layer(topt, monkeypatch, index=i) for i in range(NUM_LAYERS)]
+    monkeypatch.setattr(cuda_backend.TritonAttentionImpl, "forward", lambda self, *a, **k: None)
+    q = torch.zeros(2, H, D)
+    for impl, layer, kv_cache in layers:
+        impl.forward(layer, q, q, q, kv_cache, window_metadata([30, 40]), torch.zeros(2, H, D))
+    bank = telemetry._bank[0].counters
+    rows = [impl._state.counters for impl, _, _ in layers]
+    assert [r.data_ptr() for r in rows] == [bank[i].data_ptr() for i in range(NUM_LAYERS)]
+    copies = []
+    monkeypatch.setattr(telemetry, "_start_copy", lambda b, original=telemetry._start_copy: (copies.append(b),
+                                                                                              original(b)))
+    lines = []
+    telemetry.poll_report(0.0, SimpleNamespace(info=lines.append), None, telemetry.RunMode(8))
+    assert len(copies) == 1 and sorted(telemetry.snapshot()) == list(range(NUM_LAYERS))
+    assert len(lines) == 1 and "of attention elements" in lines[0]
+
+
+def test_reports_are_written_by_the_builder_not_by_forward(topt, monkeypatch, tmp_path):
+    """A replayed decode step runs no Python in forward; the builder's build runs on every step."""
+    impl, layer, kv_cache = window_layer(topt, monkeypatch)
+    stats = tmp_path / "stats.json"
+    monkeypatch.setattr(topt, "stats_file", str(stats))
+    monkeypatch.setattr(cuda_backend.TritonAttentionImpl, "forward", lambda self, *a, **k: None)
+    impl.topt = topt
+    q = torch.zeros(2, H, D)
+    impl.forward(layer, q, q, q, kv_cache, window_metadata([30, 40]), torch.zeros(2, H, D))
+    assert not stats.exists()
+    context = {layer.layer_name: layer}
+    builder = builder_stub(layer_names=[layer.layer_name], context=context)
+    monkeypatch.setattr(cuda_backend.ToptCudaMetadataBuilder, "_capture_phase", lambda self: False)
+    builder.topt_batch(0, common_metadata([1, 1], [30, 40]), None, False)
+    written = telemetry.read_stats_file(str(stats))
+    assert written["total"]["rows"] == 2 and written["batches"]["decode_only"] == 1
+
+
+# --------------------------------------------------------------------------- memory vLLM accounts for
+
+
+def test_decode_rows_are_bounded_by_max_num_seqs_not_capture_sizes():
+    config = stub_vllm_config(max_num_seqs=8, capture_sizes=[1, 2, 4, 8, 16, 256, 512])
+    assert cuda_memory.max_decode_rows(config) == 8
+
+
+def test_decode_buffers_are_allocated_when_the_layer_is_built(topt):
+    """Before any builder or KV cache exists (vLLM's profiling runs in between), and shared by the builders."""
+    assert not cuda_memory._shared
+    cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
+    (buffers,) = cuda_memory._shared.values()
+    assert buffers.theta.shape == (4, H)  # max_num_seqs rows
+    assert buffers.scratch.block_max.shape == (4, H, MAX_MODEL_LEN // BS)
+    builder = builder_stub(max_decodes=4)
+    assert builder.topt_buffers is buffers
+
+
+def test_a_group_of_window_layers_allocates_no_decode_buffers(topt, monkeypatch, parent_build):
+    impl, layer, kv_cache = window_layer(topt, monkeypatch)
+    assert not cuda_memory._shared
+    builder = cuda_backend.ToptCudaMetadataBuilder.__new__(cuda_backend.ToptCudaMetadataBuilder)
+    builder.layer_names = [layer.layer_name]
+    builder.vllm_config = stub_vllm_config(context={layer.layer_name: layer})
+    assert builder.topt_windowed_only
+    monkeypatch.setattr(cuda_backend.TritonAttentionMetadataBuilder, "__init__", lambda self, *a: None)
+    monkeypatch.setattr(cuda_backend.ToptCudaMetadataBuilder, "_capture_phase", lambda self: False)
+    cuda_backend.ToptCudaMetadataBuilder.__init__(builder, None, builder.layer_names, builder.vllm_config, "cpu")
+    assert builder.topt_buffers is None and not cuda_memory._shared
+    meta = builder.build(0, common_metadata([1, 1], [30, 40]))
+    assert meta.topt.num_decodes == 2 and meta.topt_scratch is None
+
+
+def test_kv_budget_leaves_exactly_the_v_sums_the_layers_allocate(topt, monkeypatch):
+    """The worker hook shrinks vLLM's KV budget by the V sums' share, by the bytes layer_state allocates."""
+    num_blocks = 40
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
+    kv_cache = paged.allocate_kv_cache(num_blocks, BS, H_KV, D, torch.bfloat16,
+                                       generator=torch.Generator().manual_seed(0))
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", kv_cache=kv_cache)
+    v_sums = impl.layer_state(layer, kv_cache).v_block_sums
+    v_sum_bytes_per_layer_block = v_sums.numel() * v_sums.element_size() // num_blocks
+    kv_bytes_per_layer_block = kv_cache.numel() * kv_cache.element_size() // num_blocks
+
+    monkeypatch.setattr("vllm_topt.config.layers.process_config", lambda cfg, heads: topt)
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(get_num_kv_heads=lambda p: H_KV, get_head_size=lambda: D, dtype=torch.bfloat16,
+                                     get_num_attention_heads=lambda p: H),
+        cache_config=SimpleNamespace(block_size=BS, cache_dtype="auto"), parallel_config=None,
+        attention_config=SimpleNamespace(backend=SimpleNamespace(name="TOPT")),
+    )
+    per_block = cuda_memory.block_bytes(vllm_config)
+    assert per_block.kv_cache == NUM_LAYERS * kv_bytes_per_layer_block
+    assert per_block.v_sums == NUM_LAYERS * v_sum_bytes_per_layer_block
+    assert per_block.v_sum_share == pytest.approx(1 / (BS + 1))  # bf16: 4 B of V sum per 2 x BS x 2 B of K and V
+
+    class Worker:
+        def __init__(self, config):
+            self.vllm_config = config
+
+        def determine_available_memory(self):
+            return 10 * 2**30
+
+    cuda_memory.install_kv_budget_hook(Worker)
+    budget = Worker(vllm_config).determine_available_memory()
+    blocks = budget // per_block.kv_cache
+    assert blocks * (per_block.kv_cache + per_block.v_sums) <= 10 * 2**30
+    assert (blocks + 1) * (per_block.kv_cache + per_block.v_sums) > 10 * 2**30 - per_block.kv_cache
+    dense = SimpleNamespace(**{**vars(vllm_config), "attention_config": SimpleNamespace(backend=None)})
+    assert Worker(dense).determine_available_memory() == 10 * 2**30

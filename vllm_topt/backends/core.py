@@ -10,12 +10,14 @@ layout, cache write, metadata and prefill kernel) with these mixins in front:
   worker's last line of defence for one attention layer.
 - `ToptBuilderMixin` pulls decode rows (query length 1) to the front, splits
   the batch with vLLM's helpers and builds the parent's metadata for the
-  prefill part.
+  prefill part. Its `build` runs on every step, a replayed CUDA graph's
+  included, so it also begins each step's telemetry (and, where no Python
+  runs inside a replayed forward, reports it).
 - `ToptImplMixin` runs decode rows through the platform's Top-θ kernel and
-  the rest through the parent's dense `forward`, keeps the per-block V sums
-  that VMC reads, and drives per-step telemetry. Sliding-window layers
-  (Gemma-3's local layers) run wholly on the parent's dense kernel, which
-  handles the window; telemetry counts their decode rows as fully kept.
+  the rest through the parent's dense `forward`, and keeps the per-block V
+  sums that VMC reads. Sliding-window layers (Gemma-3's local layers) run
+  wholly on the parent's dense kernel, which handles the window; telemetry
+  counts their decode rows as fully kept.
 
 Platform classes add only what differs: the kernel call, the cache views,
 device buffers.
@@ -221,6 +223,8 @@ class ToptBuilderMixin:
     """The dense builder's metadata for the whole batch, plus the `ToptBatch` split (put it before the parent)."""
 
     reorder_batch_threshold: int = DECODE_QUERY_LEN  # decode requests first
+    # Whether `build` writes the telemetry reports (where Python in `forward` does not run on every step).
+    reports_telemetry: ClassVar[bool] = False
 
     @functools.cached_property
     def topt_layer_span(self) -> tuple[int, int]:
@@ -234,6 +238,11 @@ class ToptBuilderMixin:
         layers = self._topt_layers()
         return bool(self.layer_names) and all(
             name in layers and layers[name].impl.topt_window is not None for name in self.layer_names)
+
+    @functools.cached_property
+    def topt_counts_steps(self) -> bool:
+        """Whether this builder's layers include the rank's first TOPT layer (it begins each step's telemetry)."""
+        return bool(self.layer_names) and layer_span(self.layer_names)[0] == self.topt_layer_span[0]
 
     def _topt_layers(self) -> dict:
         context = self.vllm_config.compilation_config.static_forward_context
@@ -249,8 +258,22 @@ class ToptBuilderMixin:
         else:
             prefill = super().build(common_prefix_len, rest, fast_build)
         first, last = self.topt_layer_span
+        if self.topt_counts_steps:
+            self._topt_step(num_decodes, rest is not None)
         return ToptBatch(num_decodes, num_decode_tokens, cam.seq_lens[:num_decodes],
                          cam.block_table_tensor[:num_decodes], prefill, first, last)
+
+    def _topt_step(self, num_decodes: int, has_prefill: bool) -> None:
+        """Telemetry at the start of a step: its batch kind, warm-up counts dropped, a due report."""
+        telemetry.begin_step(num_decodes, has_prefill, capture_phase=self._capture_phase())
+        layers = self._topt_layers()
+        if self.reports_telemetry and layers:
+            topt = next(iter(layers.values())).impl.topt
+            telemetry.poll_report(topt.options.telemetry_interval_s, logger, topt.stats_file, topt.mode)
+
+    def _capture_phase(self) -> bool:
+        """Whether vLLM is still warming up and capturing graphs (steps so far are not real requests)."""
+        return False
 
 
 def extend_metadata(cls, parent_metadata, **extra):
@@ -280,6 +303,8 @@ class ToptImplMixin:
     """
 
     backend: ClassVar[type[ToptBackendMixin]]
+    # Whether the last layer's `forward` writes the telemetry reports (Python runs in it on every step).
+    reports_in_forward: ClassVar[bool] = True
 
     def _init_topt(self, vllm_config, *, num_heads: int, head_size: int, alibi_slopes, sliding_window, sinks,
                    kv_cache_dtype: str, attn_type: str, kv_sharing_target_layer_name) -> None:
@@ -324,16 +349,15 @@ class ToptImplMixin:
             return output.fill_(0)
         batch: ToptBatch = attn_metadata.topt
         state = self.layer_state(layer, kv_cache)
-        counting = self._counting()
-        if counting and state.index == batch.first_layer:
-            telemetry.record_batch(batch.num_decodes, batch.prefill is not None)
+        if self._capturing():
+            telemetry.note_capture()
         if self.topt_window is not None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-            if counting and batch.num_decodes:
+            if batch.num_decodes:  # device ops only: a captured graph replays them
                 self._count_window_rows(state, batch, kv_cache.shape[2])
         else:
             self._forward_split(layer, query, key, value, kv_cache, attn_metadata, output, state)
-        if counting and state.index == batch.last_layer:
+        if self.reports_in_forward and state.index == batch.last_layer:
             options = self.topt.options
             telemetry.maybe_report(options.telemetry_interval_s, logger, self.topt.stats_file, self.topt.mode)
         return output
@@ -359,9 +383,9 @@ class ToptImplMixin:
         """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry."""
         telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
 
-    def _counting(self) -> bool:
-        """Whether this forward is a real step (not a CUDA-graph capture)."""
-        return True
+    def _capturing(self) -> bool:
+        """Whether this forward is being captured into a CUDA graph (it then runs only as a replay)."""
+        return False
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

@@ -11,11 +11,17 @@ requests run TRITON_ATTN's dense `unified_attention` on their part of the batch.
 Sliding-window layers run TRITON_ATTN on the whole batch (`core`).
 
 Per layer it keeps, on the device: the per-block V sums for VMC (updated at
-every KV write), the layer's thresholds (θ(n) looked up by a kernel) and the
-SPEC §7 counters, which the kernel adds to without a host sync; they are read
-(one sync) when telemetry reports. Full CUDA graphs cover decode-only batches
-(the launch grid depends on the batch size only); everything a graph touches
-is allocated before capture, by the metadata builder's first `build`.
+every KV write), the layer's thresholds (θ(n) looked up by a kernel) and its
+row of the telemetry counter bank, which the kernels add to without a host
+sync. Full CUDA graphs cover decode-only batches (the launch grid depends on
+the batch size only), so nothing in `forward` may depend on running Python at
+every step: sliding-window rows are counted with device ops, and the metadata
+builder (whose `build` runs on every step, replayed or not) begins each
+step's telemetry, drops what warm-up and capture counted, and writes the
+reports. Everything a graph touches is allocated before capture: the counter
+bank and the shared decode buffers in the layers' constructors (so that
+vLLM's memory profiling counts them, `cuda_memory`), the per-layer state by
+the metadata builder's first `build`.
 
 Not supported (refused in the front-end process by `ToptBackendMixin.check_config`,
 and again by each layer in the worker): FP8 / quantized KV caches, a sliding window on every layer, ALiBi,
@@ -23,10 +29,11 @@ attention sinks, multimodal prefix attention, non-decoder attention, KV sharing 
 layers, KV connectors, speculative decoding, batch invariance, fused output
 quantization.
 
-Memory beyond what vLLM's profiling sizes the KV cache for (leave room with
---gpu-memory-utilization): per layer with VMC, fp32 V sums of 1/block_size
-of that layer's KV cache (6% at block size 16); per KV-cache group, page max
-scores of max_num_seqs x heads x max_model_len / block_size floats.
+Memory (`cuda_memory`): the decode buffers (page max scores of max_num_seqs x
+heads x max_model_len / block_size floats, twice with block-wise VMC, plus
+per-segment sums), once per process, allocated while the model is built so
+that vLLM's profiling counts them; the fp32 V sums of VMC layers (1/block_size
+of a bf16 layer's cache) come out of the KV budget vLLM profiled, logged.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from vllm_topt import telemetry
-from vllm_topt.config.layers import process_config
+from vllm_topt.backends.cuda_memory import DecodeBuffers, shared_decode_buffers
+from vllm_topt.config.layers import ToptProcessConfig, process_config
 from vllm_topt.backends.core import (
     LayerState,
     ToptBackendMixin,
@@ -60,8 +68,6 @@ from vllm_topt.kernels.triton.decode import (
     SUPPORTED_HEAD_SIZES,
     DeviceThresholds,
     ToptScratch,
-    choose_num_segments,
-    new_counters,
     topt_decode,
     update_v_block_sums,
 )
@@ -128,35 +134,41 @@ class ToptCudaMetadata(TritonAttentionMetadata):
 class ToptCudaMetadataBuilder(ToptBuilderMixin, TritonAttentionMetadataBuilder):
     # Full CUDA graphs for decode-only batches; mixed batches run attention eagerly.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    reports_telemetry: ClassVar[bool] = True  # a replayed decode step runs no Python in forward
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.supports_draft_decode_metadata_update = False  # build() splits the batch
-        self.max_decodes = max_decode_rows(vllm_config)
-        # Rows never span more pages than max_model_len needs (the block table may be wider).
-        max_pages = -(-vllm_config.model_config.max_model_len // self.block_size)
-        segments = {b: choose_num_segments(b, self.num_heads_kv) for b in range(1, self.max_decodes + 1)}
-        self.topt_segments = segments
-        # Block-wise VMC's page sums need their own buffers; allocated only when a layer uses it.
-        plans = process_config(vllm_config, self.num_heads_q).layers
-        self.topt_scratch = ToptScratch.allocate(
-            self.max_decodes, self.num_heads_q, self.num_heads_kv, self.headdim, max_pages,
-            capacity=max(b * s for b, s in segments.items()), device=device,
-            block_vmc=any(plan.rule.block_vmc for plan in plans),
-        )
-        self.topt_theta = torch.zeros(self.max_decodes, self.num_heads_q, dtype=torch.float32, device=device)
+        # The layers' shared buffers (made when the model was built); none for a group of dense window layers.
+        self.topt_buffers: DecodeBuffers | None = None
+        if not self.topt_windowed_only:
+            self.topt_buffers = decode_buffers(vllm_config, self.num_heads_q, self.num_heads_kv, self.headdim,
+                                               device)
+            self.topt_buffers.scratch.check(1, self.num_heads_q, self.num_heads_kv, self.headdim,
+                                            -(-vllm_config.model_config.max_model_len // self.block_size),
+                                            self.topt_buffers.scratch.block_vmc)
         self._prepared_cache_ptr: int | None = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> ToptCudaMetadata:
         self._prepare_layers()
         full = super().build(common_prefix_len, common_attn_metadata, fast_build)
         batch = self.topt_batch(common_prefix_len, common_attn_metadata, full, fast_build)
-        if batch.num_decodes > self.max_decodes:
-            raise RuntimeError(f"TOPT: {batch.num_decodes} decode rows, buffers sized for {self.max_decodes}")
+        buffers = self.topt_buffers
+        if buffers is None:
+            return extend_metadata(ToptCudaMetadata, full, topt=batch)
+        if batch.num_decodes > buffers.theta.shape[0]:
+            raise RuntimeError(f"TOPT: {batch.num_decodes} decode rows, buffers sized for {buffers.theta.shape[0]}")
         return extend_metadata(
-            ToptCudaMetadata, full, topt=batch, topt_num_segments=self.topt_segments.get(batch.num_decodes, 1),
-            topt_scratch=self.topt_scratch, topt_theta=self.topt_theta,
+            ToptCudaMetadata, full, topt=batch, topt_num_segments=buffers.segments.get(batch.num_decodes, 1),
+            topt_scratch=buffers.scratch, topt_theta=buffers.theta,
         )
+
+    def _capture_phase(self) -> bool:
+        # True from start-up until vLLM's capture_model has captured every graph (and for good in eager mode,
+        # where no capture is seen and so nothing is dropped).
+        from vllm.compilation import monitor
+
+        return monitor.cudagraph_capturing_enabled
 
     def _prepare_layers(self) -> None:
         """Allocate every layer's device state before any step (and so before graph capture)."""
@@ -173,10 +185,22 @@ class ToptCudaMetadataBuilder(ToptBuilderMixin, TritonAttentionMetadataBuilder):
         self._prepared_cache_ptr = caches[0].data_ptr()
 
 
-def max_decode_rows(vllm_config) -> int:
-    """The most decode rows one step can hold (full-graph capture sizes included)."""
-    capture_sizes = vllm_config.compilation_config.cudagraph_capture_sizes or []
-    return max([vllm_config.scheduler_config.max_num_seqs, *capture_sizes])
+def uses_block_vmc(topt: ToptProcessConfig) -> bool:
+    """Whether a layer of this process runs block-wise VMC (its page sums need a second buffer plane)."""
+    return any(plan.rule.block_vmc and not plan.rule.dense for plan in topt.layers)
+
+
+def decode_buffers(vllm_config, num_heads: int, num_kv_heads: int, head_size: int, device) -> DecodeBuffers:
+    """The process's shared decode buffers for these shapes."""
+    block_vmc = uses_block_vmc(process_config(vllm_config, num_heads))
+    return shared_decode_buffers(vllm_config, num_heads, num_kv_heads, head_size, block_vmc, device)
+
+
+def model_device() -> torch.device:
+    """The device the model is being built on (the platform's: this process's current CUDA device)."""
+    from vllm.platforms import current_platform
+
+    return torch.device(current_platform.device_type)
 
 
 def _cache_tensor(layer) -> torch.Tensor | None:
@@ -189,7 +213,7 @@ def _cache_tensor(layer) -> torch.Tensor | None:
 @dataclass
 class CudaLayerState(LayerState):
     thresholds: DeviceThresholds | None = None
-    counters: torch.Tensor | None = None  # [max decodes, NUM_COUNTERS] int64, SPEC §7, added to on the device
+    counters: torch.Tensor | None = None  # [1, NUM_COUNTERS] int64: the layer's row of the telemetry bank
 
 
 def _capturing() -> bool:
@@ -198,6 +222,7 @@ def _capturing() -> bool:
 
 class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
     backend = ToptCudaBackend
+    reports_in_forward: ClassVar[bool] = False  # the builder reports (see the module docstring)
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
@@ -216,7 +241,12 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, use_alibi_sqrt,
                          chunk_lookback)
         self.supports_quant_query_input = False
-        self._max_decodes = max_decode_rows(vllm_config)
+        # Allocated now, while vLLM builds the model: its memory profiling then counts them, and a graph
+        # captured later finds them in place.
+        device = model_device()
+        telemetry.counter_bank(len(self.topt.layers), device)
+        if self.topt_window is None:
+            decode_buffers(vllm_config, num_heads, num_kv_heads, head_size, device)
 
     def fused_output_quant_supported(self, quant_key) -> bool:
         return False
@@ -229,12 +259,10 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
             raise RuntimeError("TOPT layer state must be allocated before CUDA graph capture")
         sparse = not state.plan.rule.dense
         thresholds = DeviceThresholds(state.plan.thresholds, kv_cache.device) if sparse else None
-        counters = new_counters(self._max_decodes, kv_cache.device)
-        telemetry.register_device_counters(state.index, counters)
-        return CudaLayerState(**vars(state), thresholds=thresholds, counters=counters)
+        return CudaLayerState(**vars(state), thresholds=thresholds, counters=telemetry.layer_counters(state.index))
 
-    def _counting(self) -> bool:
-        return not _capturing()
+    def _capturing(self) -> bool:
+        return _capturing()
 
     def _decode(self, layer, query, kv_cache, meta: ToptCudaMetadata, output, state: CudaLayerState) -> None:
         # (B, H_kv, N, 2d) -> two [num_blocks, block_size, H_kv, d] views, exactly as TRITON_ATTN reads them.
@@ -247,13 +275,13 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
         topt_decode(
             query, key_cache, value_cache, batch.decode_block_table, batch.decode_seq_lens, theta, state.plan.rule,
             self.scale, v_block_sums=state.v_block_sums, logits_soft_cap=self.logits_soft_cap or None,
-            out=output, counters=state.counters[:num_decodes], scratch=meta.topt_scratch,
+            out=output, counters=state.counters.expand(num_decodes, -1), scratch=meta.topt_scratch,
             num_segments=meta.topt_num_segments, max_pages=meta.topt_scratch.block_max.shape[2],
         )
 
     def _add_counters(self, state: CudaLayerState, counters: torch.Tensor) -> None:
         # Added on the device without a sync (and so replayed by a captured graph), read at report time.
-        state.counters[: counters.shape[0]] += counters
+        state.counters += counters.sum(dim=0, keepdim=True)
 
     def _update_v_block_sums(self, v_block_sums, value, slot_mapping, block_size: int) -> None:
         update_v_block_sums(v_block_sums, value, slot_mapping, block_size)

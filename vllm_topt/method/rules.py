@@ -154,7 +154,7 @@ def window_counters(seq_lens: torch.Tensor, window: int | None, num_heads: int, 
     blocks = (n - 1).div(block_size, rounding_mode="floor") - first.div(block_size, rounding_mode="floor") + 1
     zero = torch.zeros_like(n)
     by_field = {
-        "rows": torch.ones_like(n),
+        "rows": (n > 0).to(torch.int64),  # padding rows of a replayed graph (n = 0) are no rows
         "elements_visible": keys * num_heads, "elements_kept": keys * num_heads,
         "v_rows_visible": keys * num_kv_heads, "v_rows_read": keys * num_kv_heads,
         "v_blocks_visible": blocks * num_kv_heads, "v_blocks_read": blocks * num_kv_heads,

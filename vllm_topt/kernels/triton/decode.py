@@ -521,6 +521,11 @@ class ToptScratch:
         return self.page_stats[0]
 
     @property
+    def nbytes(self) -> int:
+        """Device bytes these buffers hold."""
+        return sum(t.numel() * t.element_size() for t in (self.page_stats, self.flat_f32, self.flat_i32, self.dummy))
+
+    @property
     def block_vmc(self) -> bool:
         return self.page_stats.shape[0] == 2
 
