@@ -13,10 +13,10 @@ from tests.engine_run import DEFAULT_MODEL
 from tests.model_folders import sliding_window_model, variant_of_default_model
 
 
-def engine_config(model=DEFAULT_MODEL, **engine_args):
+def engine_config(model=DEFAULT_MODEL, dtype="float32", **engine_args):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=str(model), dtype="float32", max_model_len=2048, **engine_args).create_engine_config()
+    return EngineArgs(model=str(model), dtype=dtype, max_model_len=2048, **engine_args).create_engine_config()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,16 @@ def test_cuda_serves_the_default_model(cuda_backend):
 
 def test_cuda_serves_gemma3_with_its_sliding_window_layers(cuda_backend, gemma_model):
     # Its sliding-window layers run on TRITON_ATTN's kernel, the global layers through Top-θ.
-    assert cuda_backend.config_refusals(engine_config(gemma_model)) == []
+    assert cuda_backend.config_refusals(engine_config(gemma_model, dtype="bfloat16")) == []
+
+
+def test_cuda_refuses_fp32_where_its_kernel_spills(cuda_backend, gemma_model, tmp_path):
+    # Gemma-3's head size 256 in fp32: the sparse decode kernel spills kilobytes (aot --full); bf16 is served.
+    assert any("fp32 at head size 256" in r for r in cuda_backend.config_refusals(engine_config(gemma_model)))
+    head128 = variant_of_default_model(tmp_path, "head128", head_dim=128)
+    assert cuda_backend.config_refusals(engine_config(head128, block_size=16)) == []  # CUDA's default page
+    refused = cuda_backend.config_refusals(engine_config(head128, block_size=64))
+    assert any("64-token kernel blocks" in r and "--block-size 32" in r for r in refused), refused
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -52,7 +52,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from vllm_topt import telemetry
-from vllm_topt.backends.cuda_memory import DecodeBuffers, shared_decode_buffers
+from vllm_topt.backends.cuda_memory import DecodeBuffers, kernel_block_size, shared_decode_buffers
 from vllm_topt.config.layers import ToptProcessConfig, process_config
 from vllm_topt.backends.core import (
     LayerState,
@@ -68,11 +68,13 @@ from vllm_topt.kernels.triton.decode import (
     SUPPORTED_HEAD_SIZES,
     DeviceThresholds,
     ToptScratch,
+    fp32_refusal,
     topt_decode,
     update_v_block_sums,
 )
 
 CUDA_DENSE_BACKEND = "--attention-backend TRITON_ATTN (dense)"
+CUDA_DEFAULT_BLOCK_SIZE = 16  # vLLM's KV page on CUDA when --block-size is not given
 
 
 class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
@@ -118,6 +120,11 @@ class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
         block_size = vllm_config.cache_config.block_size
         if block_size is not None and not cls.supports_block_size(block_size):
             refused.append(f"block size {block_size} (TOPT takes multiples of {min(SUPPORTED_BLOCK_SIZES)})")
+        model_config = vllm_config.model_config
+        if model_config.dtype == torch.float32:
+            kernel_block = kernel_block_size(block_size or CUDA_DEFAULT_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES)
+            if reason := fp32_refusal(model_config.get_head_size(), kernel_block):
+                refused.append(reason)
         return refused
 
 

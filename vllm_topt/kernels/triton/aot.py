@@ -137,7 +137,9 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
     (block size, group size, segment count), each sparse and dense, the
     (target, dtype) cells taking these in turn.
     `full`: fp32 cells too, and MQA-like group sizes (32, 64) with the heavy
-    rules at block sizes 16 and 64 on every cell.
+    rules at block sizes 16 and 64 on every cell. Either way fp32 heavy
+    launches at block size 16 where the backend serves fp32
+    (`decode.fp32_refusal`), and nothing it refuses.
     """
     from vllm_topt.kernels.triton import decode
 
@@ -168,7 +170,13 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
             # In turn over the cells; i // 2 shifts the turn so that alternating items reach every cell.
             target, dtype = cells[(i + i // 2) % len(cells)]
             pairs.append((target, _shape(dtype, d, **kw)))
-    return pairs
+        if not full:
+            # fp32 where the backend serves it (see FP32_MAX_HEAD_SIZE), heavy rules at the default block.
+            pairs += [(target, _shape("fp32", d, **dict(kw, block_size=16))) for target in targets for kw in heavy
+                      if decode.fp32_refusal(d, 16) is None]
+    # Configurations the backend refuses at start-up are not launched, so not compiled.
+    return [(target, shape) for target, shape in pairs
+            if shape.dtype != "fp32" or decode.fp32_refusal(shape.head_size, shape.block_size) is None]
 
 
 @dataclass

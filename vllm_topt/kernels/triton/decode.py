@@ -56,6 +56,11 @@ MAX_SEGMENTS = 64
 _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: a denominator's floor
 SPARSE_MAXNREG = 192
 SCORES_MAXNREG_BLOCK_VMC = 64
+# fp32 dots hold twice the registers: past these (head size, kernel block) the sparse kernel spills hundreds
+# of bytes to kilobytes on sm_80/sm_90 whatever its register ceiling or tile (python -m
+# vllm_topt.kernels.triton.aot --full); such layers are refused rather than served slowly.
+FP32_MAX_HEAD_SIZE = 128
+FP32_MAX_BLOCK_AT_MAX_HEAD_SIZE = 32
 
 
 @triton.jit
@@ -593,6 +598,16 @@ def dot_in_fp32(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or kv_dtype == torch.float32 or INTERPRETED
 
 
+def fp32_refusal(head_size: int, block_size: int) -> str | None:
+    """Why an fp32 layer of this head size and kernel block cannot run spill-free, or None."""
+    if head_size > FP32_MAX_HEAD_SIZE:
+        return f"fp32 at head size {head_size} (its decode kernel spills registers; serve bf16 or fp16)"
+    if head_size == FP32_MAX_HEAD_SIZE and block_size > FP32_MAX_BLOCK_AT_MAX_HEAD_SIZE:
+        return (f"fp32 at head size {head_size} with {block_size}-token kernel blocks (its decode kernel spills "
+                f"registers; serve bf16 or fp16, or --block-size {FP32_MAX_BLOCK_AT_MAX_HEAD_SIZE})")
+    return None
+
+
 def decode_tile_tokens(head_size: int, block_size: int, dot_fp32: bool, tile_tokens: int | None = None) -> int:
     """Keys per loop step of the scores and sparse kernels (a power of two >= the block size)."""
     if tile_tokens is None:
@@ -636,6 +651,8 @@ def decode_launch(
     count: counters are written; num_segments: key-range splits per row.
     """
     dot_fp32 = dot_in_fp32(dtype, kv_dtype)
+    if torch.float32 in (dtype, kv_dtype) and not INTERPRETED and (reason := fp32_refusal(head_size, block_size)):
+        raise ValueError(f"TOPT's CUDA decode kernel does not run {reason}")
     tile_tokens = decode_tile_tokens(head_size, block_size, dot_fp32, tile_tokens)
     nseg = num_segments
     if nseg & (nseg - 1) or nseg > MAX_SEGMENTS:
@@ -652,7 +669,7 @@ def decode_launch(
     dot_prec = "ieee" if dot_fp32 else None  # None: the default (tensor cores) for bf16/fp16
     scores = dict(PAGES=pages, SOFTCAP=soft_cap, DENSE=dense, BLOCK_VMC=block_vmc, DOT_FP32=dot_fp32,
                   DOT_PREC=dot_prec, **common, **kernel_opts)
-    if block_vmc and not INTERPRETED:
+    if block_vmc and not dot_fp32:
         # With the pages' log-sum-exp this kernel needs 50-64 registers, where ptxas (Triton 3.6 and 3.9)
         # aims at 48 (five CTAs per SM) and spills a few bytes; this ceiling (four CTAs) keeps it spill-free.
         scores["maxnreg"] = SCORES_MAXNREG_BLOCK_VMC
