@@ -56,11 +56,11 @@ MAX_SEGMENTS = 64
 _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: a denominator's floor
 SPARSE_MAXNREG = 192
 SCORES_MAXNREG_BLOCK_VMC = 64
-# fp32 dots hold twice the registers: past these (head size, kernel block) the sparse kernel spills hundreds
-# of bytes to kilobytes on sm_80/sm_90 whatever its register ceiling or tile (python -m
-# vllm_topt.kernels.triton.aot --full); such layers are refused rather than served slowly.
-FP32_MAX_HEAD_SIZE = 128
-FP32_MAX_BLOCK_AT_MAX_HEAD_SIZE = 32
+# fp32 dots hold twice the registers: above head size 64 the sparse kernel spills hundreds of bytes to
+# kilobytes on sm_80/sm_90 (Triton 3.6: d=128 with block-wise VMC; Triton 3.9: d=128 at 64-token blocks, d=256
+# always) whatever its register ceiling or tile (python -m vllm_topt.kernels.triton.aot --full); such layers
+# are refused rather than served slowly.
+FP32_MAX_HEAD_SIZE = 64
 
 
 @triton.jit
@@ -601,10 +601,8 @@ def dot_in_fp32(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
 def fp32_refusal(head_size: int, block_size: int) -> str | None:
     """Why an fp32 layer of this head size and kernel block cannot run spill-free, or None."""
     if head_size > FP32_MAX_HEAD_SIZE:
-        return f"fp32 at head size {head_size} (its decode kernel spills registers; serve bf16 or fp16)"
-    if head_size == FP32_MAX_HEAD_SIZE and block_size > FP32_MAX_BLOCK_AT_MAX_HEAD_SIZE:
-        return (f"fp32 at head size {head_size} with {block_size}-token kernel blocks (its decode kernel spills "
-                f"registers; serve bf16 or fp16, or --block-size {FP32_MAX_BLOCK_AT_MAX_HEAD_SIZE})")
+        return (f"fp32 at head size {head_size} (its decode kernel spills registers above {FP32_MAX_HEAD_SIZE}; "
+                "serve bf16 or fp16)")
     return None
 
 
