@@ -57,6 +57,38 @@ def test_concurrent_requests_and_telemetry_line(server):
     assert kept < 50.0, lines[-1]
 
 
+def test_metrics_endpoint_shows_the_log_lines_sparsity(server):
+    """After decodes, vLLM's own /metrics carries the TOPT series, equal to the last telemetry line."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, log_path = server
+    for _ in range(10):  # until a report falls due during a decode (interval 1 s)
+        complete(base, "Write a short story about a lighthouse keeper.", 64, ignore_eos=True)
+        if "topt: decode kept" in log_path.read_text():
+            break
+    time.sleep(2)  # idle: the last report is written before the scrape
+    r = requests.get(f"{base}/metrics", timeout=30)
+    r.raise_for_status()
+    every = [s for f in text_string_to_metric_families(r.text) for s in f.samples]
+    samples = {s.name: s.value for s in every if not s.labels}
+    by_group = {(s.name, s.labels.get("layer_group")): s.value for s in every if "layer_group" in s.labels}
+    assert "vllm:num_requests_running" in {s.name for s in every}  # vLLM's own series on the same page
+    line = [l for l in log_path.read_text().splitlines() if "topt: decode kept" in l][-1]
+    kept = float(line.split("decode kept ")[1].split("%")[0])
+    v_rows = float(line.split("read ")[1].split("% of V rows")[0])
+    v_blocks = float(line.split("V rows and ")[1].split("% of V blocks")[0])
+    kept_over_k = float(line.split("kept/k ")[1].split(" ")[0])
+    assert round(100 * samples["vllm_topt:element_density"], 1) == kept, (samples, line)
+    assert round(100 * samples["vllm_topt:v_row_density"], 1) == v_rows, (samples, line)
+    assert round(100 * samples["vllm_topt:v_block_density"], 1) == v_blocks, (samples, line)
+    assert round(samples["vllm_topt:kept_over_k"], 2) == kept_over_k, (samples, line)
+    assert samples["vllm_topt:reporting_processes"] == 1
+    kept_total = sum(v for (name, _), v in by_group.items() if name == "vllm_topt:attention_elements_kept_total")
+    visible = sum(v for (name, _), v in by_group.items() if name == "vllm_topt:attention_elements_visible_total")
+    assert kept_total / visible == pytest.approx(samples["vllm_topt:element_density"])
+    assert by_group[("vllm_topt:decode_rows_total", "thresholded")] > 0
+
+
 def test_start_up_log_names_the_default_file_and_its_recorded_cost(server):
     """The default is the quality file; the operator sees which file and what it was measured to cost."""
     _, log_path = server

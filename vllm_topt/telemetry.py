@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vllm_topt import metrics
 from vllm_topt.method.rules import NUM_COUNTERS, DensityCounts
 
 _lock = threading.Lock()
@@ -57,6 +58,7 @@ class RunMode:
     disable_sparsity: bool = False
     thresholded_layers: int | None = None  # of num_layers; the rest are dense (e.g. sliding-window layers)
     num_layers: int | None = None
+    thresholded_layer_ids: tuple[int, ...] = ()  # which ones (the /metrics layer groups)
 
     def label(self) -> str:
         if self.disable_sparsity:
@@ -224,6 +226,7 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode 
         "disable_sparsity": mode.disable_sparsity,
         "thresholded_layers": mode.thresholded_layers,
         "num_layers": mode.num_layers,
+        "thresholded_layer_ids": list(mode.thresholded_layer_ids),
         "total": t.as_dict()
         | {
             "element_density": t.element_density,
@@ -275,11 +278,13 @@ def _write_report(logger, stats_file: str | None, mode: RunMode) -> None:
     if not per_layer:
         return
     logger.info(summary_line(per_layer, mode))
+    stats = stats_dict(per_layer, mode)
     if stats_file:
         tmp = f"{stats_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(stats_dict(per_layer, mode), f)
+            json.dump(stats, f)
         os.replace(tmp, stats_file)
+    metrics.publish(stats)
 
 
 def read_stats_file(path: str) -> dict:

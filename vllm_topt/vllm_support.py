@@ -93,6 +93,9 @@ VLLM_TOUCHPOINTS = (
     "vllm.compilation.monitor:cudagraph_capturing_enabled",
     "vllm.config:ModelConfig.get_num_kv_heads",
     "vllm.config:ModelConfig.get_num_attention_heads",
+    # the sparsity series on /metrics (metrics.py): the registry vLLM's /metrics serves, and its router's copy
+    "vllm.v1.metrics.prometheus:get_prometheus_registry",
+    "vllm.entrypoints.serve.instrumentator.metrics:get_prometheus_registry",
 )
 
 

@@ -40,8 +40,9 @@ class ToptProcessConfig:
 
     @property
     def mode(self) -> telemetry.RunMode:
+        thresholded = tuple(self.file.thresholded_layers())
         return telemetry.RunMode(self.file.target_k, self.options.disable_sparsity,
-                                 len(self.file.thresholded_layers()), self.file.model.num_layers)
+                                 len(thresholded), self.file.model.num_layers, thresholded)
 
 
 def process_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:
