@@ -70,7 +70,25 @@ def main(spec: dict) -> dict:
         # Per generated position: {token id: log-probability} of the top tokens.
         result["logprobs"] = [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
                               for o in outputs]
+    if "dense_requests" in spec:
+        result["mixed_token_ids"] = mixed_batch(llm, spec, params)
     return result
+
+
+def mixed_batch(llm, spec: dict, params) -> list[list[int]]:
+    """The same prompts again in one batch, the `dense_requests` ones asking TOPT to decode them dense.
+
+    The stats file as it was before this batch is kept as `<stats_file>.before_mixed`."""
+    import shutil
+
+    stats_file = spec.get("topt", {}).get("stats_file")
+    if stats_file:
+        shutil.copy(stats_file, f"{stats_file}.before_mixed")
+    per_request = [params.clone() for _ in spec["prompts"]]
+    for i in spec["dense_requests"]:
+        per_request[i].extra_args = {"topt": "dense"}
+    outputs = llm.generate(spec["prompts"], per_request, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
 
 
 if __name__ == "__main__":

@@ -63,10 +63,17 @@ def topt_no_sparsity(tmp_dir):
 def topt_sparse(tmp_dir):
     stats = tmp_dir / "sparse.json"
     topt = {"stats_file": str(stats), "telemetry_interval_s": 0, "operating_point": SPARSE_OPERATING_POINT}
-    spec = {"backend": "TOPT", "topt": topt, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS}
+    spec = {"backend": "TOPT", "topt": topt, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS,
+            "dense_requests": DENSE_REQUESTS}
     result = run_engine(spec, tmp_dir, "sparse")
-    result["stats"] = json.loads(stats.read_text())
+    result["stats"] = json.loads((tmp_dir / "sparse.json.before_mixed").read_text())
+    result["mixed_stats"] = json.loads(stats.read_text())
     return result
+
+
+# The second batch of the sparse engine: these prompts ask to decode dense (`"vllm_xargs": {"topt": "dense"}`
+# through the server), the others say nothing, in the same batches.
+DENSE_REQUESTS = [1, 3]
 
 
 def test_disable_sparsity_matches_dense_tokens(dense, topt_no_sparsity):
@@ -102,6 +109,26 @@ def test_shipped_thresholds_sparsify(topt_sparse):
     per_layer = stats["per_layer"]
     assert len(per_layer) == 30 and all(c["elements_kept"] < c["elements_visible"] for c in per_layer.values())
     assert "topt: decode kept" in topt_sparse["log"]
+
+
+def test_requests_asking_for_dense_get_dense_tokens_in_a_mixed_batch(dense, topt_sparse):
+    """In one batch with sparse requests, a request that asks for dense decodes as CPU_ATTN does, and the
+    others as in the all-sparse batch; their rows are counted apart."""
+    mixed = topt_sparse["mixed_token_ids"]
+    for i in range(len(PROMPTS)):
+        want = dense["token_ids"][i] if i in DENSE_REQUESTS else topt_sparse["token_ids"][i]
+        assert mixed[i] == want, (i, "dense" if i in DENSE_REQUESTS else "sparse")
+    assert any(dense["token_ids"][i] != topt_sparse["token_ids"][i] for i in DENSE_REQUESTS), \
+        "the dense prompts decode the same sparse and dense: the check would not see a sparse decode"
+    dense_rows = sum(c["rows"] for c in topt_sparse["mixed_stats"]["dense_requests_per_layer"].values())
+    decode_steps = sum(len(mixed[i]) - 1 for i in DENSE_REQUESTS)
+    assert 30 * decode_steps <= dense_rows <= 30 * (decode_steps + len(DENSE_REQUESTS))
+    kept = sum(c["elements_kept"] for c in topt_sparse["mixed_stats"]["dense_requests_per_layer"].values())
+    visible = sum(c["elements_visible"] for c in topt_sparse["mixed_stats"]["dense_requests_per_layer"].values())
+    assert kept == visible > 0
+    sparse_rows = topt_sparse["mixed_stats"]["total"]["rows"] - topt_sparse["stats"]["total"]["rows"]
+    sparse_steps = sum(len(mixed[i]) - 1 for i in range(len(PROMPTS)) if i not in DENSE_REQUESTS)
+    assert 30 * sparse_steps <= sparse_rows <= 30 * (sparse_steps + len(PROMPTS) - len(DENSE_REQUESTS))
 
 
 def test_sparse_answers_stay_sensible(dense, topt_sparse):

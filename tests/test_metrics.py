@@ -51,7 +51,7 @@ def test_ranks_and_layer_groups_add_up(exchange, monkeypatch):
     registry = CollectorRegistry()
     registry.register(metrics.ToptCollector(exchange))
     got = scrape(registry)
-    group = lambda g: (("layer_group", g),)  # noqa: E731
+    group = lambda g, mode="sparse": (("layer_group", g), ("request_mode", mode))  # noqa: E731
     assert got[("vllm_topt:attention_elements_kept_total", group("thresholded"))] == 40
     assert got[("vllm_topt:attention_elements_kept_total", group("dense"))] == 200
     assert got[("vllm_topt:decode_rows_total", group("thresholded"))] == 8
@@ -115,4 +115,31 @@ def test_the_collector_is_in_vllms_multiprocess_registry(exchange, tmp_path, mon
     metrics.publish(report({0: counts(2, 5, thresholded_target=4)}))
     registry = prometheus.get_prometheus_registry()
     assert registry is not prometheus.REGISTRY
-    assert scrape(registry)[("vllm_topt:attention_elements_kept_total", (("layer_group", "thresholded"),))] == 5
+    key = ("vllm_topt:attention_elements_kept_total", (("layer_group", "thresholded"), ("request_mode", "sparse")))
+    assert scrape(registry)[key] == 5
+
+
+def test_requests_that_asked_for_dense_are_counted_apart(exchange):
+    """Their rows get their own series; the density gauges (like the log line) describe the sparse rows."""
+    import logging
+
+    telemetry.reset()
+    try:
+        telemetry.record(0, counts(4, 10, thresholded_target=8))
+        telemetry.record(0, counts(2, 100), dense_request=True)
+        logger = logging.getLogger("topt-test")
+        with pytest.MonkeyPatch.context() as mp:
+            lines = []
+            mp.setattr(logger, "info", lines.append)
+            telemetry._write_report(logger, None, telemetry.RunMode(32, False, 1, 1, (0,)))
+        assert "requests asking for dense: 2 rows" in lines[0] and "decode kept 10.0%" in lines[0], lines
+    finally:
+        telemetry.reset()
+    registry = CollectorRegistry()
+    registry.register(metrics.ToptCollector(exchange))
+    got = scrape(registry)
+    labels = lambda mode: (("layer_group", "thresholded"), ("request_mode", mode))  # noqa: E731
+    assert got[("vllm_topt:decode_rows_total", labels("dense"))] == 2
+    assert got[("vllm_topt:attention_elements_kept_total", labels("dense"))] == 100
+    assert got[("vllm_topt:attention_elements_kept_total", labels("sparse"))] == 10
+    assert got[("vllm_topt:element_density", ())] == pytest.approx(0.1)

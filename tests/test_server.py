@@ -71,7 +71,8 @@ def test_metrics_endpoint_shows_the_log_lines_sparsity(server):
     r.raise_for_status()
     every = [s for f in text_string_to_metric_families(r.text) for s in f.samples]
     samples = {s.name: s.value for s in every if not s.labels}
-    by_group = {(s.name, s.labels.get("layer_group")): s.value for s in every if "layer_group" in s.labels}
+    by_group = {(s.name, s.labels["layer_group"]): s.value for s in every
+                if s.labels.get("request_mode") == "sparse"}
     assert "vllm:num_requests_running" in {s.name for s in every}  # vLLM's own series on the same page
     line = [l for l in log_path.read_text().splitlines() if "topt: decode kept" in l][-1]
     kept = float(line.split("decode kept ")[1].split("%")[0])
@@ -87,6 +88,31 @@ def test_metrics_endpoint_shows_the_log_lines_sparsity(server):
     visible = sum(v for (name, _), v in by_group.items() if name == "vllm_topt:attention_elements_visible_total")
     assert kept_total / visible == pytest.approx(samples["vllm_topt:element_density"])
     assert by_group[("vllm_topt:decode_rows_total", "thresholded")] > 0
+
+
+def test_a_request_can_ask_for_dense_and_an_unknown_mode_is_a_400(server):
+    """`"vllm_xargs": {"topt": "dense"}`: decoded with every element kept, counted apart on /metrics and in
+    the log line; a value TOPT does not know is refused before the request is queued, naming the allowed."""
+    base, log_path = server
+    body = {"model": "default", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+    r = requests.post(f"{base}/v1/completions", json=body | {"vllm_xargs": {"topt": "dens"}}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "'dens' is not a TOPT mode; allowed: 'sparse', 'dense'" in r.text, r.text
+    for _ in range(10):  # until a report with the dense rows falls due (interval 1 s)
+        r = requests.post(f"{base}/v1/completions", json=body | {"max_tokens": 64, "ignore_eos": True,
+                                                                  "vllm_xargs": {"topt": "dense"}}, timeout=300)
+        r.raise_for_status()
+        if "requests asking for dense" in log_path.read_text():
+            break
+    time.sleep(2)
+    assert "Paris" in r.json()["choices"][0]["text"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = requests.get(f"{base}/metrics", timeout=30).text
+    dense = {s.name: s.value for f in text_string_to_metric_families(page) for s in f.samples
+             if s.labels.get("request_mode") == "dense"}
+    assert dense["vllm_topt:decode_rows_total"] > 0
+    assert dense["vllm_topt:attention_elements_kept_total"] == dense["vllm_topt:attention_elements_visible_total"]
 
 
 def test_start_up_log_names_the_default_file_and_its_recorded_cost(server):

@@ -37,6 +37,7 @@ logger = get_logger()
 EXCHANGE_ENV = "VLLM_TOPT_METRICS_DIR"
 PREFIX = "vllm_topt:"
 LAYER_GROUP_LABEL = "layer_group"  # "thresholded": Top-θ layers; "dense": sliding-window and --dense-layers
+REQUEST_MODE_LABEL = "request_mode"  # "sparse": the server's thresholds; "dense": requests that asked for it
 
 # counter field -> (series name without `_total`, help text)
 COUNTER_SERIES = {
@@ -54,7 +55,8 @@ COUNTER_SERIES = {
 }
 assert tuple(COUNTER_SERIES) == COUNTER_FIELDS  # one series per counter, in counter order
 
-# gauge -> (DensityCounts property, help text); over every layer of every process, as the log line
+# gauge -> (DensityCounts property, help text); over every layer of every process, sparse rows only (as the
+# log line: requests that asked for dense are counted apart)
 RATIO_SERIES = {
     "element_density": ("element_density", "Share of attention elements kept (the log line's 'kept')."),
     "v_row_density": ("v_row_density", "Share of V rows read."),
@@ -100,12 +102,16 @@ def layer_group(report: dict, layer: str) -> str:
     return "thresholded" if int(layer) in report.get("thresholded_layer_ids", ()) else "dense"
 
 
-def sum_reports(reports: list[dict]) -> dict[str, DensityCounts]:
-    """Counters per layer group, summed over layers and processes."""
-    groups: dict[str, DensityCounts] = {}
+REPORT_KEYS = {"sparse": "per_layer", "dense": "dense_requests_per_layer"}  # request mode -> stats dict key
+
+
+def sum_reports(reports: list[dict]) -> dict[tuple[str, str], DensityCounts]:
+    """Counters per (layer group, request mode), summed over layers and processes."""
+    groups: dict[tuple[str, str], DensityCounts] = {}
     for report in reports:
-        for layer, counts in report.get("per_layer", {}).items():
-            groups.setdefault(layer_group(report, layer), DensityCounts()).add(DensityCounts(**counts))
+        for mode, key in REPORT_KEYS.items():
+            for layer, counts in report.get(key, {}).items():
+                groups.setdefault((layer_group(report, layer), mode), DensityCounts()).add(DensityCounts(**counts))
     return groups
 
 
@@ -126,13 +132,14 @@ class ToptCollector:
             return
         groups = sum_reports(reports)
         for field, (name, doc) in COUNTER_SERIES.items():
-            family = CounterMetricFamily(PREFIX + name, doc, labels=[LAYER_GROUP_LABEL])
-            for group, counts in sorted(groups.items()):
-                family.add_metric([group], getattr(counts, field))
+            family = CounterMetricFamily(PREFIX + name, doc, labels=[LAYER_GROUP_LABEL, REQUEST_MODE_LABEL])
+            for labels, counts in sorted(groups.items()):
+                family.add_metric(list(labels), getattr(counts, field))
             yield family
-        total = DensityCounts()
-        for counts in groups.values():
-            total.add(counts)
+        total = DensityCounts()  # the operating point: sparse rows, as the log line
+        for (_, mode), counts in groups.items():
+            if mode == "sparse":
+                total.add(counts)
         for name, (prop, doc) in RATIO_SERIES.items():
             value = getattr(total, prop)
             if value is not None:

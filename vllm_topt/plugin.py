@@ -111,9 +111,11 @@ def _teach_platform(platform_cls, is_cpu: bool) -> None:
         original_check(cls, vllm_config, *args, **kwargs)
         if is_topt_selected(vllm_config.attention_config.backend):
             check_topt_config(vllm_config, is_cpu)
+            from vllm_topt import request_modes
             from vllm_topt.metrics import serve_metrics
 
             serve_metrics()  # the sparsity series on this server's /metrics
+            request_modes.install(vllm_config)  # `"vllm_xargs": {"topt": "dense"}` per request
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
     if not is_cpu:

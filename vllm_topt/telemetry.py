@@ -35,6 +35,9 @@ from vllm_topt.method.rules import NUM_COUNTERS, DensityCounts
 
 _lock = threading.Lock()
 _per_layer: dict[int, DensityCounts] = {}
+# Rows of requests that asked to decode dense (`vllm_xargs: {"topt": "dense"}`), kept apart from the sparse
+# counts above so that the log line and /metrics describe the server's operating point.
+_dense_requests: dict[int, DensityCounts] = {}
 _state = {"last_tick": time.monotonic(), "capture_seen": False}
 
 
@@ -72,9 +75,9 @@ class RunMode:
 _batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 
 
-def record(layer: int, counts: DensityCounts) -> None:
+def record(layer: int, counts: DensityCounts, dense_request: bool = False) -> None:
     with _lock:
-        _per_layer.setdefault(layer, DensityCounts()).add(counts)
+        (_dense_requests if dense_request else _per_layer).setdefault(layer, DensityCounts()).add(counts)
 
 
 def record_batch(num_decodes: int, has_prefill: bool) -> None:
@@ -181,15 +184,18 @@ flush_device_counters = flush
 def reset() -> None:
     with _lock:
         _per_layer.clear()
+        _dense_requests.clear()
         _bank.clear()
         _state["capture_seen"] = False
         for kind in _batches:
             _batches[kind] = 0
 
 
-def snapshot() -> dict[int, DensityCounts]:
+def snapshot(dense_requests: bool = False) -> dict[int, DensityCounts]:
+    """Per-layer counts of the sparse rows (default), or of the rows of requests that asked for dense."""
     with _lock:
-        return {layer: DensityCounts(**c.as_dict()) for layer, c in sorted(_per_layer.items())}
+        source = _dense_requests if dense_requests else _per_layer
+        return {layer: DensityCounts(**c.as_dict()) for layer, c in sorted(source.items())}
 
 
 def total(per_layer: dict[int, DensityCounts] | None = None) -> DensityCounts:
@@ -235,6 +241,7 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode 
             "kept_over_k": t.kept_over_k,
         },
         "per_layer": {str(layer): c.as_dict() for layer, c in per_layer.items()},
+        "dense_requests_per_layer": {str(layer): c.as_dict() for layer, c in snapshot(dense_requests=True).items()},
         "batches": batch_counts(),
     }
 
@@ -275,9 +282,13 @@ def poll_report(interval_s: float, logger, stats_file: str | None, mode: RunMode
 
 def _write_report(logger, stats_file: str | None, mode: RunMode) -> None:
     per_layer = snapshot()
-    if not per_layer:
+    if not per_layer and not _dense_requests:
         return
-    logger.info(summary_line(per_layer, mode))
+    line = summary_line(per_layer, mode)
+    dense = total(snapshot(dense_requests=True))
+    if dense.rows:
+        line += f"; requests asking for dense: {_human(dense.rows)} rows, all kept"
+    logger.info(line)
     stats = stats_dict(per_layer, mode)
     if stats_file:
         tmp = f"{stats_file}.{os.getpid()}.tmp"

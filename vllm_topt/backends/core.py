@@ -51,6 +51,7 @@ from vllm_topt.config.thresholds import LayerPlan
 from vllm_topt.log import get_logger
 from vllm_topt.method.rules import DensityCounts, window_counters
 from vllm_topt.plugin import BACKEND_NAME
+from vllm_topt.request_modes import dense_rows
 
 logger = get_logger()
 
@@ -190,6 +191,9 @@ class ToptBatch:
     prefill: Any | None
     first_layer: int  # where this step's batch kind is counted (the model's first TOPT layer)
     last_layer: int  # where this step's telemetry is reported, after every layer has counted
+    # Bool [num_decodes] on the host: the decode rows whose requests asked to decode dense
+    # (`request_modes`); None when none did.
+    dense_rows: torch.Tensor | None = None
 
 
 def split_decode_rows(cam: CommonAttentionMetadata) -> tuple[int, int, CommonAttentionMetadata | None]:
@@ -261,7 +265,7 @@ class ToptBuilderMixin:
         if self.topt_counts_steps:
             self._topt_step(num_decodes, rest is not None)
         return ToptBatch(num_decodes, num_decode_tokens, cam.seq_lens[:num_decodes],
-                         cam.block_table_tensor[:num_decodes], prefill, first, last)
+                         cam.block_table_tensor[:num_decodes], prefill, first, last, dense_rows(num_decodes))
 
     def _topt_step(self, num_decodes: int, has_prefill: bool) -> None:
         """Telemetry at the start of a step: its batch kind, warm-up counts dropped, a due report."""
@@ -377,11 +381,16 @@ class ToptImplMixin:
         """Telemetry of a sliding-window layer's decode rows: every key of the window kept."""
         counters = window_counters(batch.decode_seq_lens, self.topt_window, self.num_heads, self.num_kv_heads,
                                    block_size)
-        self._add_counters(state, counters)
+        self._add_counters(state, counters, batch.dense_rows)
 
-    def _add_counters(self, state: LayerState, counters: torch.Tensor) -> None:
-        """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry."""
-        telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
+    def _add_counters(self, state: LayerState, counters: torch.Tensor, dense_rows: torch.Tensor | None) -> None:
+        """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry; the rows of requests
+        that asked for dense (`dense_rows`) apart."""
+        if dense_rows is None:
+            telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
+            return
+        for rows, dense in ((~dense_rows, False), (dense_rows, True)):
+            telemetry.record(state.index, DensityCounts.from_counters(counters[rows].sum(dim=0).tolist()), dense)
 
     def _capturing(self) -> bool:
         """Whether this forward is being captured into a CUDA graph (it then runs only as a replay)."""

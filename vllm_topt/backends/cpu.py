@@ -31,6 +31,7 @@ from vllm_topt.backends.core import (
     extend_metadata,
 )
 from vllm_topt.config.options import options_from_vllm_config
+from vllm_topt.config.thresholds import LayerPlan
 from vllm_topt.kernels.cpu.cpp import (
     CPU_DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, load_extension, topt_decode_paged_cpp, update_v_block_sums_cpp,
 )
@@ -40,6 +41,7 @@ from vllm_topt.kernels.cpu.torch_decode import (
     topt_decode_paged,
     update_v_block_sums,
 )
+from vllm_topt.method.rules import DensityCounts, ToptRule
 
 CPU_DENSE_BACKEND = "--attention-backend CPU_ATTN (dense)"
 
@@ -130,28 +132,50 @@ class ToptCpuImpl(ToptImplMixin, CPUAttentionBackendImpl):
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
         if state.key_layout is None:
             state.key_layout = probe_key_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
-        rule, thresholds = state.plan.rule, state.plan.thresholds
         batch = meta.topt
+        caches = (key_cache, value_cache)
+        rows = (batch.decode_block_table, batch.decode_seq_lens)
+        if batch.dense_rows is None or state.plan.rule.dense:
+            counts = self._decode_rows(query, caches, rows, meta.max_seq_len, state.plan, output, state)
+            telemetry.record(state.index, counts)
+            return
+        # Requests that asked to decode dense (`request_modes`): their rows through the dense rule, apart.
+        for dense in (False, True):
+            picked = (batch.dense_rows == dense).nonzero().flatten()
+            if not picked.numel():
+                continue
+            plan = LayerPlan(ToptRule(dense=True), None) if dense else state.plan
+            out = torch.empty_like(output[picked])
+            counts = self._decode_rows(query[picked], caches, tuple(t[picked] for t in rows),
+                                       int(batch.decode_seq_lens[picked].max()), plan, out, state)
+            output[picked] = out
+            telemetry.record(state.index, counts, dense_request=dense)
+
+    def _decode_rows(self, query, caches, rows, max_seq_len: int, plan: LayerPlan, output,
+                     state: CpuLayerState) -> DensityCounts:
+        """Decode `query`'s rows (block table, lengths) under `plan` into `output`; their counts."""
+        (key_cache, value_cache), (block_table, seq_lens) = caches, rows
+        rule, thresholds = plan.rule, plan.thresholds
         soft_cap = self.logits_soft_cap or None
         if self._cpp:
             # The C++ kernel looks θ up by row length itself and writes the layer's output in place.
-            by_length = None if rule.dense else thresholds.table_upto(meta.max_seq_len)
+            by_length = None if rule.dense else thresholds.table_upto(max_seq_len)
             direct = output.dtype == torch.float32 and output.is_contiguous()
             out, counts = topt_decode_paged_cpp(
-                query, key_cache, value_cache, batch.decode_block_table, batch.decode_seq_lens, None, rule,
+                query, key_cache, value_cache, block_table, seq_lens, None, rule,
                 self.scale, state.key_layout, state.v_block_sums, soft_cap,
                 out=output.view(query.shape) if direct else None, theta_by_length=by_length,
             )
             if not direct:
                 output.view(out.shape).copy_(out)
         else:
-            theta = None if rule.dense else thresholds.lookup_memoised(batch.decode_seq_lens)
+            theta = None if rule.dense else thresholds.lookup_memoised(seq_lens)
             out, counts = topt_decode_paged(
-                query, key_cache, value_cache, batch.decode_block_table, batch.decode_seq_lens, theta, rule,
+                query, key_cache, value_cache, block_table, seq_lens, theta, rule,
                 self.scale, state.key_layout, state.v_block_sums, soft_cap,
             )
             output.view(out.shape).copy_(out)
-        telemetry.record(state.index, counts)
+        return counts
 
     def _update_v_block_sums(self, v_block_sums, value, slot_mapping, block_size: int) -> None:
         (update_v_block_sums_cpp if self._cpp else update_v_block_sums)(v_block_sums, value, slot_mapping, block_size)

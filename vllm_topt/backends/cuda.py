@@ -286,8 +286,9 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
             num_segments=meta.topt_num_segments, max_pages=meta.topt_scratch.block_max.shape[2],
         )
 
-    def _add_counters(self, state: CudaLayerState, counters: torch.Tensor) -> None:
+    def _add_counters(self, state: CudaLayerState, counters: torch.Tensor, dense_rows: torch.Tensor | None) -> None:
         # Added on the device without a sync (and so replayed by a captured graph), read at report time.
+        # `dense_rows` is always None here: per-request modes are refused on CUDA at admission.
         state.counters += counters.sum(dim=0, keepdim=True)
 
     def _update_v_block_sums(self, v_block_sums, value, slot_mapping, block_size: int) -> None:
