@@ -96,6 +96,15 @@ VLLM_TOUCHPOINTS = (
     # the sparsity series on /metrics (metrics.py): the registry vLLM's /metrics serves, and its router's copy
     "vllm.v1.metrics.prometheus:get_prometheus_registry",
     "vllm.entrypoints.serve.instrumentator.metrics:get_prometheus_registry",
+    # per-request modes (request_modes.py): the logits-processor interfaces that carry row state
+    "vllm.v1.sample.logits_processor:LogitsProcessor",
+    "vllm.v1.sample.logits_processor:LogitsProcessor.validate_params",
+    "vllm.v1.sample.logits_processor:LogitsProcessor.update_state",
+    "vllm.v1.sample.logits_processor:LogitsProcessor.is_argmax_invariant",
+    "vllm.v1.sample.logits_processor:LogitsProcessor.apply",
+    "vllm.v1.sample.logits_processor:MoveDirectionality.SWAP",
+    "vllm.v1.worker.gpu.sample.logits_processor.interface:LogitsProcessor",
+    "vllm.config:VllmConfig.use_v2_model_runner",
 )
 
 
@@ -127,7 +136,7 @@ VLLM_ATTRIBUTES = (
                  "additional_config"),
     "vllm.config:AttentionConfig.backend",
     *_attributes("vllm.config:ModelConfig", "hf_config", "model", "dtype", "max_model_len", "tokenizer",
-                 "tokenizer_revision", "trust_remote_code"),
+                 "tokenizer_revision", "trust_remote_code", "logits_processors", "runner_type"),
     *_attributes("vllm.config:CacheConfig", "block_size", "user_specified_block_size", "cache_dtype"),
     "vllm.config:ParallelConfig.pipeline_parallel_size",
     "vllm.config:CompilationConfig.static_forward_context",
