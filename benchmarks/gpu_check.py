@@ -53,7 +53,10 @@ Sections 1-4 need torch and triton only (no vLLM, no network): they import
    when replay and eager outputs are equal (bitwise on CPU, 1e-3 of the
    output's magnitude on GPU), per-layer counters are equal, each layer counts
    one row per non-padding row, and the batch without its padding row gives
-   the same counters and outputs.
+   the same counters and outputs. Third case: per-request modes, row 1's
+   request asking for dense, written into the row-modes buffer after the
+   capture (as a replayed step's build writes it): the replay must read it
+   as data, count that row apart on both layers and keep its every element.
 6. The engine end to end, only where `import vllm` works, CUDA is there (not
    --interpret) and --model names a local Hugging Face model folder; otherwise
    one entry marked NOT RUN with the reason (never counted as passed). One
@@ -968,6 +971,12 @@ class BackendStep:
     meta: object  # ToptCudaMetadata of the whole batch
     output: torch.Tensor  # [2, B, H, D]: one static output buffer per layer (a graph writes into them)
     lengths: list[int]
+    modes: object  # the process's request_modes.RowModes, which meta.topt.row_modes is (a graph reads it)
+
+    def set_modes(self, dense: torch.Tensor | None) -> None:
+        """This step's per-request modes, as the builder's build writes them (host flags, device buffer)."""
+        self.meta.topt.dense_rows = dense
+        self.modes.fill(dense)
 
     def run(self) -> None:
         """The attention part of a model forward: every layer's `forward`, in order."""
@@ -1066,6 +1075,7 @@ def backend_stubs(stack, modules, topt, vllm_config) -> None:
         stack.enter_context(mock.patch.object(module, "process_config", lambda cfg, heads: topt))
     stack.enter_context(mock.patch.object(cuda_backend, "get_current_vllm_config", lambda: vllm_config))
     stack.enter_context(mock.patch.object(cuda_memory, "_shared", {}))
+    stack.enter_context(mock.patch.object(cuda_memory, "_row_modes", {}))
     stack.enter_context(mock.patch.object(cuda_backend.TritonAttentionImpl, "do_kv_cache_update", cache_write))
 
 
@@ -1123,7 +1133,9 @@ def build_backend_step(modules, shape: dict, vllm_config, seed: int = 0) -> Back
         softmax_segm_max=zeros(B, H, segments), softmax_segm_expsum=zeros(B, H, segments), causal=True,
     )
     buffers = cuda_backend.decode_buffers(vllm_config, H, H_kv, D, DEVICE)  # the ones the sparse layer made
-    batch = core.ToptBatch(B, B, seq_lens, block_table, prefill=None, first_layer=0, last_layer=1)
+    modes = cuda_backend.shared_row_modes(vllm_config, DEVICE)  # likewise
+    batch = core.ToptBatch(B, B, seq_lens, block_table, prefill=None, first_layer=0, last_layer=1,
+                           row_modes=modes.fill(None))
     # The builder's segment count on a GPU; under --interpret 4 (still split rows, combined), not 64: the
     # interpreter runs each of B x H_kv x segments programs in turn.
     segments_per_row = min(buffers.segments[B], 4) if ARGS.interpret else buffers.segments[B]
@@ -1131,7 +1143,7 @@ def build_backend_step(modules, shape: dict, vllm_config, seed: int = 0) -> Back
                                 topt_num_segments=segments_per_row, topt_scratch=buffers.scratch,
                                 topt_theta=buffers.theta)
     output = torch.full((2, B, H, D), float("nan"), dtype=dtype, device=DEVICE)
-    return BackendStep(layers, query, meta, output, list(lengths))
+    return BackendStep(layers, query, meta, output, list(lengths), modes)
 
 
 def without_padding_row(step: BackendStep) -> BackendStep:
@@ -1144,7 +1156,10 @@ def without_padding_row(step: BackendStep) -> BackendStep:
         topt=dataclasses.replace(batch, num_decodes=B, num_decode_tokens=B, decode_seq_lens=batch.decode_seq_lens[:B],
                                  decode_block_table=batch.decode_block_table[:B]))
     output = torch.full_like(step.output[:, :B], float("nan"))
-    return BackendStep(step.layers, step.query[:B].contiguous(), small, output, step.lengths[:B])
+    unpadded = BackendStep(step.layers, step.query[:B].contiguous(), small, output, step.lengths[:B], step.modes)
+    dense = batch.dense_rows
+    unpadded.set_modes(None if dense is None else dense[:B])
+    return unpadded
 
 
 def sync() -> None:
@@ -1161,7 +1176,7 @@ def backend_eager(step: BackendStep) -> dict:
     step.run()
     sync()
     telemetry.flush()
-    counts = telemetry.snapshot()
+    counts, dense_counts = telemetry.snapshot(), telemetry.snapshot(dense_requests=True)
     output = step.output.clone()
     unpadded = without_padding_row(step)
     unpadded.run()
@@ -1170,12 +1185,15 @@ def backend_eager(step: BackendStep) -> dict:
     twice = telemetry.snapshot()
     unpadded_counts = {layer: DensityCounts(**{f: getattr(c, f) - getattr(counts.get(layer, DensityCounts()), f)
                                                for f in td.COUNTER_FIELDS}) for layer, c in twice.items()}
-    return {"output": output, "counts": counts, "unpadded_counts": unpadded_counts,
+    return {"output": output, "counts": counts, "dense_counts": dense_counts, "unpadded_counts": unpadded_counts,
             "unpadded_output": unpadded.output.clone()}
 
 
-def backend_graph(step: BackendStep, modules) -> dict:
+def backend_graph(step: BackendStep, modules, dense: torch.Tensor | None = None) -> dict:
     """The step under a CUDA graph: warm-up, capture, the first real step's `begin_step`, one replay.
+
+    dense: per-request modes set after the capture (all sparse while capturing), as a replayed step's
+    build writes them: the replay must read them as data.
 
     On CUDA a real capture (warm-up on a side stream, as vLLM does). Under --interpret the capture is
     simulated: `_capturing` answers True for one forward (the "capture": it notes the capture, and, on CPU,
@@ -1200,6 +1218,7 @@ def backend_graph(step: BackendStep, modules) -> dict:
         with torch.cuda.graph(graph):
             step.run()
         telemetry.begin_step(B, False, capture_phase=False)  # the first real step: warm-up/capture dropped
+        step.set_modes(dense)
         step.output.fill_(float("nan"))  # the replay must write every output
         graph.replay()
         torch.cuda.synchronize()
@@ -1208,10 +1227,12 @@ def backend_graph(step: BackendStep, modules) -> dict:
         with mock.patch.object(cuda_backend, "_capturing", lambda: True):
             step.run()  # the "capture"
         telemetry.begin_step(B, False, capture_phase=False)
+        step.set_modes(dense)
         step.output.fill_(float("nan"))
         step.run()  # the "replay"
     telemetry.flush()
-    return {"output": step.output.clone(), "counts": telemetry.snapshot()}
+    return {"output": step.output.clone(), "counts": telemetry.snapshot(),
+            "dense_counts": telemetry.snapshot(dense_requests=True)}
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor, exact: bool) -> tuple[bool, float]:
@@ -1227,24 +1248,34 @@ def same_values(a: torch.Tensor, b: torch.Tensor, exact: bool) -> tuple[bool, fl
     return worst <= 1e-3 * float(b.masked_fill(both_nan, 0.0).abs().max()), worst
 
 
-def backend_graph_case(modules, shape: dict, vmc_scope: str) -> dict:
-    """Eager vs graph replay of one two-layer step; the problems found, and what was measured."""
+def backend_graph_case(modules, shape: dict, vmc_scope: str, dense_row: int | None = None) -> dict:
+    """Eager vs graph replay of one two-layer step; the problems found, and what was measured.
+
+    dense_row: that row's request asks to decode dense (per-request modes), set after the capture."""
     from contextlib import ExitStack
 
     from vllm_topt import telemetry
 
     topt, vllm_config = backend_stub_config(shape, vmc_scope)
     exact = DEVICE == "cpu"
-    rows = sum(1 for n in shape["lengths"] if n)
+    lengths = shape["lengths"]
+    dense = None
+    if dense_row is not None:
+        dense = torch.zeros(len(lengths), dtype=torch.bool)
+        dense[dense_row] = True
+    real_rows = sum(1 for n in lengths if n)
+    rows = real_rows - (dense_row is not None)  # counted in the server's mode
     problems = []
     try:
         with ExitStack() as stack:
             backend_stubs(stack, modules, topt, vllm_config)
-            eager = backend_eager(build_backend_step(modules, shape, vllm_config))
-            graph = backend_graph(build_backend_step(modules, shape, vllm_config), modules)
+            step = build_backend_step(modules, shape, vllm_config)
+            step.set_modes(dense)
+            eager = backend_eager(step)
+            graph = backend_graph(build_backend_step(modules, shape, vllm_config), modules, dense)
     finally:
         telemetry.reset()
-    real = slice(0, rows)  # the padding row (last) is discarded by vLLM; its output is compared anyway
+    real = slice(0, real_rows)  # the padding row (last) is discarded by vLLM; its output is compared anyway
     if not bool(torch.isfinite(eager["output"][:, real].float()).all()):
         problems.append("eager output of a real row is not finite")
     ok, err = same_values(graph["output"], eager["output"], exact)
@@ -1265,7 +1296,13 @@ def backend_graph_case(modules, shape: dict, vmc_scope: str) -> dict:
     sparse, window = eager["counts"].get(0, DensityCounts()), eager["counts"].get(1, DensityCounts())
     if not sparse.elements_kept < sparse.elements_visible:
         problems.append("the sparse layer kept every element: nothing sparse was checked")
-    want_window = sum(min(n, BACKEND_GRAPH_WINDOW) for n in shape["lengths"]) * shape["H"]
+    if graph["dense_counts"] != eager["dense_counts"]:
+        problems.append(f"dense-request counters: replay {graph['dense_counts']} != eager {eager['dense_counts']}")
+    if dense_row is not None:
+        problems += dense_row_problems(eager, lengths[dense_row], shape["H"])
+    elif eager["dense_counts"]:
+        problems.append(f"nobody asked for dense, yet dense-request counters {eager['dense_counts']}")
+    want_window = sum(min(n, BACKEND_GRAPH_WINDOW) for i, n in enumerate(lengths) if i != dense_row) * shape["H"]
     if window.elements_kept != want_window:
         problems.append(f"window layer kept {window.elements_kept} elements, its windows hold {want_window}")
     return {
@@ -1273,10 +1310,20 @@ def backend_graph_case(modules, shape: dict, vmc_scope: str) -> dict:
         "counters": {str(layer): c.as_dict() for layer, c in graph["counts"].items()},
         "detail": "; ".join(problems) or (
             f"{'bitwise equal' if exact else f'max |err| {err:.2g}'} outputs, equal counters on both layers "
-            f"({rows} rows + 1 padding row; sparse layer kept {100 * sparse.element_density:.0f}% of elements, "
+            f"({rows} rows{' + 1 dense-request row' if dense_row is not None else ''} + 1 padding row; sparse layer kept {100 * sparse.element_density:.0f}% of elements, "
             f"{100 * sparse.v_block_density:.0f}% of V blocks; window {BACKEND_GRAPH_WINDOW})"
             + ("; capture simulated (--interpret)" if DEVICE == "cpu" else "")),
     }
+
+
+def dense_row_problems(eager: dict, n: int, H: int) -> list[str]:
+    """The dense-request row: counted apart on both layers, every element of the sparse layer kept."""
+    problems = []
+    for layer, want in ((0, n), (1, min(n, BACKEND_GRAPH_WINDOW))):
+        c = eager["dense_counts"].get(layer)
+        if c is None or c.rows != 1 or c.elements_kept != c.elements_visible or c.elements_visible != want * H:
+            problems.append(f"layer {layer}: the dense request's row counted {c}, not 1 row keeping {want * H}")
+    return problems
 
 
 def run_backend_graph(smoke: bool) -> list[dict]:
@@ -1295,6 +1342,9 @@ def run_backend_graph(smoke: bool) -> list[dict]:
     for vmc_scope in ("sequence", "block"):
         name = f"{BACKEND_GRAPH_CASE}: post-softmax VMC over the {vmc_scope} + window {BACKEND_GRAPH_WINDOW} layer"
         checks.append(attempt({"case": name}, lambda s=vmc_scope: backend_graph_case(modules, shape, s)))
+    # Per-request modes: row 1's request asks for dense after the capture; the replay reads it as data.
+    name = f"{BACKEND_GRAPH_CASE}: row 1 asks for dense (per-request mode set after capture)"
+    checks.append(attempt({"case": name}, lambda: backend_graph_case(modules, shape, "block", dense_row=1)))
     for r in checks:
         log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}: {r.get('detail', r.get('error', ''))}")
     return checks

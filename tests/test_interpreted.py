@@ -9,11 +9,14 @@ import sys
 
 from tests.engine_run import ROOT
 
+# The interpreter runs on one core: one pytest-xdist worker per core (the machines CI runs on have 2).
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
+
 
 def test_triton_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/interpreted"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(WORKERS), "tests/interpreted"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     report = proc.stdout[-6000:] + proc.stderr[-2000:]

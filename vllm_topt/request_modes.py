@@ -13,11 +13,12 @@ logits processors (`install`). It never changes logits; it keeps one flag per
 batch row, and the builder reads the flags of the decode rows (decodes come
 first in the batch, in persistent-batch order) as data for the kernel.
 
-Served on CPU. On CUDA (where the kernels would need the flags as device
-data inside the captured graph) and under vLLM's V2 model runner (which keys
-processor state by request slot, not batch row) it is not supported yet: a
-request that asks for a mode is refused at admission with the reason
-(`ToptRequestModesRefused`, `ToptRequestModesV2`), never decoded sparse.
+On CPU the layers split the batch by these flags. On CUDA the builder copies
+them into one persistent device buffer (`RowModes`) that the kernels read, so
+the choice is data inside a captured graph, not control flow. Under vLLM's V2
+model runner (which keys processor state by request slot, not batch row) it
+is not supported yet: a request that asks for a mode is refused at admission
+with the reason (`ToptRequestModesV2`), never decoded sparse.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ DENSE = "dense"
 SPARSE = "sparse"  # the server's own threshold file (what a request that says nothing gets)
 MODES = (SPARSE, DENSE)
 V1_PROCESSOR = "vllm_topt.request_modes:ToptRequestModes"
-V1_REFUSED = "vllm_topt.request_modes:ToptRequestModesRefused"
 V2_PROCESSOR = "vllm_topt.request_modes:ToptRequestModesV2"
 
 _current: dict[str, "ToptRequestModes"] = {}  # this engine process's processor (one model runner)
@@ -89,22 +89,37 @@ class ToptRequestModes(_v1_base()):
         return logits
 
 
-class ToptRequestModesRefused(ToptRequestModes):
-    """Where the backend cannot decode rows dense yet (CUDA): a request that asks for a mode is a 400."""
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        if requested_mode(sampling_params) is not None:
-            raise ValueError(f"vllm_xargs.{XARG_KEY}: TOPT modes per request are served on CPU only in this "
-                             "release; on a GPU, run dense requests on a server without --attention-backend topt")
-
-
 def dense_rows(num_rows: int) -> torch.Tensor | None:
     """Bool [num_rows]: which of the batch's first rows (the decodes) decode dense; None when none do."""
     modes = _current.get("modes")
     if modes is None or not num_rows or not modes.dense[:num_rows].any():
         return None
     return torch.from_numpy(modes.dense[:num_rows].copy())
+
+
+class RowModes:
+    """A persistent device copy of the decode rows' modes (int32 [max rows], 1 = dense) the CUDA kernels read.
+
+    Filled by the metadata builder before each step's forward, so a replayed graph reads the step's flags.
+    One per process and device, shared by every builder (they fill it with the same flags)."""
+
+    def __init__(self, rows: int, device) -> None:
+        self.tensor = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.dirty = False  # whether a row may hold 1
+
+    def fill(self, dense: torch.Tensor | None) -> torch.Tensor:
+        """Write this step's flags (host bool [num_decodes] or None: all sparse); returns the whole buffer."""
+        if dense is None:
+            if self.dirty:
+                self.tensor.zero_()
+                self.dirty = False
+            return self.tensor
+        if len(dense) > len(self.tensor):
+            raise RuntimeError(f"TOPT: {len(dense)} decode rows, row modes sized for {len(self.tensor)}")
+        self.tensor[: len(dense)].copy_(dense.to(torch.int32), non_blocking=True)
+        self.tensor[len(dense):].zero_()
+        self.dirty = True
+        return self.tensor
 
 
 def _v2_base():
@@ -144,12 +159,7 @@ def install(vllm_config) -> None:
     model_config = vllm_config.model_config
     if getattr(model_config, "runner_type", "generate") != "generate":
         return
-    if vllm_config.use_v2_model_runner:
-        processor = V2_PROCESSOR
-    else:
-        from vllm.platforms import current_platform
-
-        processor = V1_PROCESSOR if current_platform.is_cpu() else V1_REFUSED
+    processor = V2_PROCESSOR if vllm_config.use_v2_model_runner else V1_PROCESSOR
     current = list(model_config.logits_processors or [])
     if processor not in current:
         model_config.logits_processors = current + [processor]

@@ -10,8 +10,9 @@ with `snapshot()` in that process, or from anywhere through the JSON file the
 
 Two sources feed the per-layer counts. The CPU backend records Python counts
 as each layer runs. On a device, every layer's kernels add to its row of one
-counter bank (`counter_bank`, [layers, NUM_COUNTERS] int64) without a host
-sync, so a replayed CUDA graph counts too; a report copies the whole bank to
+counter bank (`counter_bank`, [2, layers, NUM_COUNTERS] int64: the server's
+mode, and requests that asked to decode dense) without a host sync, so a
+replayed CUDA graph counts too; a report copies the whole bank to
 the host once, without blocking, and is written when the copy has landed
 (`poll_report`, called by the metadata builder, the code that runs on every
 step whether or not the step replays a graph). Counts added while vLLM warms
@@ -43,9 +44,12 @@ _state = {"last_tick": time.monotonic(), "capture_seen": False}
 
 @dataclass
 class _Bank:
-    """Every layer's device counters (row = layer index) and the host buffer a report copies them into."""
+    """Every layer's device counters and the host buffer a report copies them into.
 
-    counters: torch.Tensor  # [layers, NUM_COUNTERS] int64, on the device; kernels add to it
+    Plane 0 counts the rows of requests in the server's mode, plane 1 those of requests that asked to decode
+    dense (`request_modes`); row = layer index."""
+
+    counters: torch.Tensor  # [2, layers, NUM_COUNTERS] int64, on the device; kernels add to it
     host: torch.Tensor  # same shape, pinned on CUDA: the landing place of the one copy per report
     copy_done: Any = None  # a CUDA event while a copy is in flight
 
@@ -92,31 +96,33 @@ def batch_counts() -> dict[str, int]:
 
 
 def counter_bank(num_layers: int, device) -> torch.Tensor:
-    """The process's device counters, [num_layers, NUM_COUNTERS] int64, zeroed; made once, before any capture.
+    """The process's device counters, [2, num_layers, NUM_COUNTERS] int64, zeroed; made once, before any capture.
 
-    Layer i's kernels add to row i (`layer_counters`); a graph captured on them keeps adding on replay."""
+    Layer i's kernels add to row i of a plane (`layer_counters`); a graph captured on them keeps adding on
+    replay."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with _lock:
         if _bank:
             bank = _bank[0]
-            if bank.counters.device != device or bank.counters.shape[0] < num_layers:
-                raise RuntimeError(f"TOPT counter bank holds {bank.counters.shape[0]} layers on "
+            if bank.counters.device != device or bank.counters.shape[1] < num_layers:
+                raise RuntimeError(f"TOPT counter bank holds {bank.counters.shape[1]} layers on "
                                    f"{bank.counters.device}, not {num_layers} on {device}")
             return bank.counters
-        counters = torch.zeros(num_layers, NUM_COUNTERS, dtype=torch.int64, device=device)
-        host = torch.zeros(num_layers, NUM_COUNTERS, dtype=torch.int64, pin_memory=counters.is_cuda)
+        counters = torch.zeros(2, num_layers, NUM_COUNTERS, dtype=torch.int64, device=device)
+        host = torch.zeros(2, num_layers, NUM_COUNTERS, dtype=torch.int64, pin_memory=counters.is_cuda)
         _bank.append(_Bank(counters, host))
         return counters
 
 
 def layer_counters(layer: int) -> torch.Tensor:
-    """Layer `layer`'s row of the counter bank, [1, NUM_COUNTERS] (a view: adding to it adds to the bank)."""
+    """Layer `layer`'s rows of the counter bank, [2, NUM_COUNTERS] (a view: adding to it adds to the bank):
+    row 0 for the server's mode, row 1 for requests that asked to decode dense."""
     with _lock:
         if not _bank:
             raise RuntimeError("TOPT counter bank not allocated (counter_bank) before the layer's first step")
-        return _bank[0].counters[layer : layer + 1]
+        return _bank[0].counters[:, layer]
 
 
 def note_capture() -> None:
@@ -139,6 +145,7 @@ def _discard_warmup() -> None:
     with _lock:
         _state["capture_seen"] = False
         _per_layer.clear()
+        _dense_requests.clear()
         for kind in _batches:
             _batches[kind] = 0
         for bank in _bank:
@@ -161,9 +168,10 @@ def _start_copy(bank: _Bank) -> None:
 def _fold(bank: _Bank) -> None:
     """Add the landed host copy into the per-layer counts."""
     bank.copy_done = None
-    for layer, values in enumerate(bank.host.tolist()):
-        if values[0]:
-            record(layer, DensityCounts.from_counters(values))
+    for plane, dense_request in enumerate((False, True)):
+        for layer, values in enumerate(bank.host[plane].tolist()):
+            if values[0]:
+                record(layer, DensityCounts.from_counters(values), dense_request)
 
 
 def flush() -> None:

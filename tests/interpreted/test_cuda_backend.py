@@ -11,11 +11,12 @@ import math
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from tests.interpret import interpreter_env, load_interpreted
-from vllm_topt import telemetry
+from vllm_topt import request_modes, telemetry
 from benchmarks import cuda_paged as paged
 from vllm_topt.config.thresholds import LayerPlan
 from vllm_topt.method.rules import DensityCounts, ToptRule
@@ -51,6 +52,7 @@ def topt(monkeypatch):
         monkeypatch.setattr(module, "process_config", lambda cfg, heads: config)
     monkeypatch.setattr(cuda_backend, "get_current_vllm_config", lambda: vllm_config)
     monkeypatch.setattr(cuda_memory, "_shared", {})
+    monkeypatch.setattr(cuda_memory, "_row_modes", {})
 
     def cache_write(self, layer, key, value, kv_cache, slot_mapping):  # reshape_and_cache_flash's semantics
         paged.write_kv(key, value, *paged.kv_cache_views(kv_cache, self.head_size), slot_mapping)
@@ -88,19 +90,13 @@ def decode_metadata(seq_lens, block_table, scratch, num_segments=2):
                                 topt_scratch=scratch, topt_theta=torch.zeros(4, H))
 
 
-@pytest.mark.parametrize("vmc_scope", ["sequence", "block"])
-def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt, monkeypatch, vmc_scope):
-    plan = topt.for_layer(0)
-    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(replace(plan.rule, vmc_scope=vmc_scope),
-                                                                    plan.thresholds))
-    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
-    lengths = [5, 40, 70]
-    gen = torch.Generator().manual_seed(0)
+def filled_cache(impl, lengths, gen):
+    """A paged cache (pages out of order) written through the layer's KV update: prefill chunk, then decodes."""
     pages = [math.ceil(n / BS) for n in lengths]
     kv_cache = paged.allocate_kv_cache(sum(pages) + 2, BS, H_KV, D, torch.float32, generator=gen)
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", kv_cache=kv_cache)
     physical = torch.randperm(sum(pages) + 2, generator=gen)
-    block_table = torch.zeros(3, max(pages), dtype=torch.int32)
+    block_table = torch.zeros(len(lengths), max(pages), dtype=torch.int32)
     keys, values, start = [], [], 0
     for i, n in enumerate(lengths):
         ids = physical[start : start + pages[i]]
@@ -111,6 +107,19 @@ def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt, monkeypatch,
             impl.do_kv_cache_update(layer, k[lo:hi], v[lo:hi], kv_cache, paged.sequence_slots(ids, hi, BS, lo).int())
         keys.append(k)
         values.append(v)
+    return layer, kv_cache, block_table, keys, values
+
+
+@pytest.mark.parametrize("vmc_scope", ["sequence", "block"])
+def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt, monkeypatch, vmc_scope):
+    plan = topt.for_layer(0)
+    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(replace(plan.rule, vmc_scope=vmc_scope),
+                                                                    plan.thresholds))
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
+    lengths = [5, 40, 70]
+    gen = torch.Generator().manual_seed(0)
+    layer, kv_cache, block_table, keys, values = filled_cache(impl, lengths, gen)
+    pages = [math.ceil(n / BS) for n in lengths]
 
     state = impl._state
     assert state.v_block_sums is not None
@@ -141,11 +150,54 @@ def test_decode_rows_go_through_topt_with_v_sums_and_counters(topt, monkeypatch,
     assert int(state.counters.sum()) == 0
 
 
+@pytest.mark.parametrize("rule", [
+    ToptRule("post-softmax", "none", True, k=8, vmc_scope="block"),
+    ToptRule("pre-softmax", "exp-threshold", True, k=8),
+], ids=["post-block-vmc", "pre-exp-threshold-vmc"])
+def test_rows_asking_for_dense_keep_every_element_beside_sparse_rows_and_count_apart(topt, monkeypatch, rule):
+    """Per-request modes as device data: the builder's row modes make row 1 dense in the same launch."""
+    plan = topt.for_layer(0)
+    thresholds = plan.thresholds
+    if rule.placement.value == "pre-softmax":  # thresholds on the score itself
+        thresholds = LayerThresholds([8, 64, 256], [[2.0, 1.5, 1.0]] * H, "pre-softmax")
+    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(rule, thresholds))
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
+    lengths = [40, 70, 70]
+    gen = torch.Generator().manual_seed(1)
+    layer, kv_cache, block_table, keys, values = filled_cache(impl, lengths, gen)
+    query = 3 * torch.randn(3, H, D, generator=gen)
+    scratch = td.ToptScratch.allocate(4, H, H_KV, D, block_table.shape[1], capacity=8, device="cpu",
+                                      block_vmc=rule.block_vmc)
+    meta = decode_metadata(lengths, block_table, scratch)
+    dense = torch.tensor([False, True, False])
+    meta.topt.dense_rows = dense
+    modes = request_modes.RowModes(4, "cpu")
+    meta.topt.row_modes = modes.fill(dense)
+    output = torch.full((3, H, D), float("nan"))
+    impl.forward(layer, query, query, query, kv_cache, meta, output)
+
+    theta = thresholds.lookup(torch.tensor(lengths)).float()
+    sparse_counts, dense_counts = DensityCounts(), DensityCounts()
+    for i in range(3):
+        row_rule = replace(rule, dense=True) if dense[i] else rule
+        ref, counts = topt_attention_reference(query[i], keys[i], values[i], theta[i], row_rule, 0.3, BS)
+        torch.testing.assert_close(output[i], ref, atol=2e-5, rtol=1e-4)
+        (dense_counts if dense[i] else sparse_counts).add(counts)
+    assert sparse_counts.elements_kept < sparse_counts.elements_visible
+    assert dense_counts.elements_kept == dense_counts.elements_visible
+    telemetry.flush()
+    assert telemetry.snapshot()[0] == sparse_counts
+    assert telemetry.snapshot(dense_requests=True)[0] == dense_counts
+    # A step whose requests say nothing: the buffer goes back to all sparse.
+    assert int(modes.fill(None).sum()) == 0 and not modes.dirty
+
+
 def builder_stub(max_decodes=8, layer_names=(), context=None):
     builder = cuda_backend.ToptCudaMetadataBuilder.__new__(cuda_backend.ToptCudaMetadataBuilder)
     builder.layer_names = list(layer_names)
     builder.vllm_config = stub_vllm_config(max_decodes, context=context)
     builder.topt_buffers = cuda_memory.shared_decode_buffers(builder.vllm_config, H, H_KV, D, False, "cpu")
+    builder.topt_row_modes = cuda_memory.shared_row_modes(builder.vllm_config, "cpu")
     builder._prepared_cache_ptr = None
     return builder
 
@@ -194,6 +246,7 @@ def test_builder_splits_decodes_from_prefills(parent_build):
     assert decode_only.topt.num_decodes == 3 and decode_only.topt.prefill is None
     prefill_only = builder.build(0, common_metadata([4, 2], [4, 9]))
     assert prefill_only.topt.num_decodes == 0 and prefill_only.topt.prefill.num_actual_tokens == 6
+    assert set(decode_only.topt.row_modes.tolist()) == {0}  # nobody asked for a mode
     with pytest.raises(RuntimeError, match="decode requests first"):
         builder.build(0, common_metadata([1, 4, 1], [3, 9, 5]))
     with pytest.raises(RuntimeError, match="buffers sized for"):
@@ -222,6 +275,37 @@ def test_sliding_window_layer_counts_its_window_on_the_device(topt, monkeypatch)
     assert counts == DensityCounts.from_counters(window_counters(seq_lens, window, H, H_KV, BS).sum(0).tolist())
     assert counts.elements_kept == counts.elements_visible == H * (5 + window + window)
     assert counts.v_blocks_visible == H_KV * (1 + 2 + 3)  # rows 40 and 70 span 2 and 3 pages of 16
+
+
+def test_the_builder_copies_the_decode_rows_modes_into_the_device_buffer(topt, monkeypatch, parent_build):
+    """Per-request modes reach the kernels as data: one persistent buffer, rewritten by every build."""
+    builder = builder_stub()
+    flags = np.zeros(8, dtype=bool)
+    monkeypatch.setitem(request_modes._current, "modes", SimpleNamespace(dense=flags))
+    flags[1] = True
+    meta = builder.build(0, common_metadata([1, 1, 1, 4], [3, 4, 5, 9]))
+    assert meta.topt.dense_rows.tolist() == [False, True, False]
+    assert meta.topt.row_modes.tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert meta.topt.row_modes.data_ptr() == builder.topt_row_modes.tensor.data_ptr()  # what a graph captured
+    flags[1] = False
+    meta = builder.build(0, common_metadata([1, 1], [3, 4]))
+    assert meta.topt.dense_rows is None and meta.topt.row_modes.tolist() == [0] * 8
+
+
+def test_window_rows_of_requests_asking_for_dense_are_counted_apart(topt, monkeypatch):
+    from vllm_topt.method.rules import window_counters
+
+    impl, layer, kv_cache = window_layer(topt, monkeypatch)
+    lengths = [5, 40, 70]
+    meta = window_metadata(lengths)
+    dense = torch.tensor([False, True, False])
+    meta.topt.dense_rows = dense
+    meta.topt.row_modes = request_modes.RowModes(4, "cpu").fill(dense)
+    impl._count_window_rows(impl._state, meta.topt, BS)
+    rows = window_counters(torch.tensor(lengths), 24, H, H_KV, BS)
+    telemetry.flush()
+    assert telemetry.snapshot()[0] == DensityCounts.from_counters(rows[[0, 2]].sum(0).tolist())
+    assert telemetry.snapshot(dense_requests=True)[0] == DensityCounts.from_counters(rows[1].tolist())
 
 
 def test_sliding_window_layer_with_thresholds_is_refused(topt, monkeypatch):
@@ -311,7 +395,9 @@ def test_every_layer_counts_into_one_bank_read_with_one_copy(topt, monkeypatch):
         impl.forward(layer, q, q, q, kv_cache, window_metadata([30, 40]), torch.zeros(2, H, D))
     bank = telemetry._bank[0].counters
     rows = [impl._state.counters for impl, _, _ in layers]
-    assert [r.data_ptr() for r in rows] == [bank[i].data_ptr() for i in range(NUM_LAYERS)]
+    # Each layer's two rows (server's mode, asked for dense) are views of the bank's two planes.
+    assert [r.data_ptr() for r in rows] == [bank[0, i].data_ptr() for i in range(NUM_LAYERS)]
+    assert all(r.stride(0) == bank.stride(0) for r in rows)
     copies = []
     monkeypatch.setattr(telemetry, "_start_copy", lambda b, original=telemetry._start_copy: (copies.append(b),
                                                                                               original(b)))

@@ -194,6 +194,8 @@ class ToptBatch:
     # Bool [num_decodes] on the host: the decode rows whose requests asked to decode dense
     # (`request_modes`); None when none did.
     dense_rows: torch.Tensor | None = None
+    # The same as device data, int32 [>= num_decodes] (1 = dense), on platforms whose kernels read it (CUDA).
+    row_modes: torch.Tensor | None = None
 
 
 def split_decode_rows(cam: CommonAttentionMetadata) -> tuple[int, int, CommonAttentionMetadata | None]:
@@ -381,11 +383,12 @@ class ToptImplMixin:
         """Telemetry of a sliding-window layer's decode rows: every key of the window kept."""
         counters = window_counters(batch.decode_seq_lens, self.topt_window, self.num_heads, self.num_kv_heads,
                                    block_size)
-        self._add_counters(state, counters, batch.dense_rows)
+        self._add_counters(state, counters, batch)
 
-    def _add_counters(self, state: LayerState, counters: torch.Tensor, dense_rows: torch.Tensor | None) -> None:
+    def _add_counters(self, state: LayerState, counters: torch.Tensor, batch: ToptBatch) -> None:
         """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry; the rows of requests
-        that asked for dense (`dense_rows`) apart."""
+        that asked for dense (`batch.dense_rows`) apart."""
+        dense_rows = batch.dense_rows
         if dense_rows is None:
             telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
             return

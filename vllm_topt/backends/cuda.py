@@ -21,7 +21,10 @@ step's telemetry, drops what warm-up and capture counted, and writes the
 reports. Everything a graph touches is allocated before capture: the counter
 bank and the shared decode buffers in the layers' constructors (so that
 vLLM's memory profiling counts them, `cuda_memory`), the per-layer state by
-the metadata builder's first `build`.
+the metadata builder's first `build`. Per-request modes (`request_modes`) are
+data too: each `build` copies the decode rows' modes into one persistent
+device buffer; the kernels keep every element of a dense-mode row and add its
+counts to the layer's second counter row.
 
 Not supported (refused in the front-end process by `ToptBackendMixin.check_config`,
 and again by each layer in the worker): FP8 / quantized KV caches, a sliding window on every layer, ALiBi,
@@ -52,7 +55,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from vllm_topt import telemetry
-from vllm_topt.backends.cuda_memory import DecodeBuffers, kernel_block_size, shared_decode_buffers
+from vllm_topt.backends.cuda_memory import DecodeBuffers, kernel_block_size, shared_decode_buffers, shared_row_modes
 from vllm_topt.config.layers import ToptProcessConfig, process_config
 from vllm_topt.backends.core import (
     LayerState,
@@ -154,12 +157,15 @@ class ToptCudaMetadataBuilder(ToptBuilderMixin, TritonAttentionMetadataBuilder):
             self.topt_buffers.scratch.check(1, self.num_heads_q, self.num_heads_kv, self.headdim,
                                             -(-vllm_config.model_config.max_model_len // self.block_size),
                                             self.topt_buffers.scratch.block_vmc)
+        self.topt_row_modes = shared_row_modes(vllm_config, device)
         self._prepared_cache_ptr: int | None = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> ToptCudaMetadata:
         self._prepare_layers()
         full = super().build(common_prefix_len, common_attn_metadata, fast_build)
         batch = self.topt_batch(common_prefix_len, common_attn_metadata, full, fast_build)
+        # The step's per-request modes as device data: a replayed graph reads them from the same buffer.
+        batch.row_modes = self.topt_row_modes.fill(batch.dense_rows)
         buffers = self.topt_buffers
         if buffers is None:
             return extend_metadata(ToptCudaMetadata, full, topt=batch)
@@ -220,7 +226,7 @@ def _cache_tensor(layer) -> torch.Tensor | None:
 @dataclass
 class CudaLayerState(LayerState):
     thresholds: DeviceThresholds | None = None
-    counters: torch.Tensor | None = None  # [1, NUM_COUNTERS] int64: the layer's row of the telemetry bank
+    counters: torch.Tensor | None = None  # [2, NUM_COUNTERS] int64: the layer's rows of the telemetry bank
 
 
 def _capturing() -> bool:
@@ -252,6 +258,7 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
         # captured later finds them in place.
         device = model_device()
         telemetry.counter_bank(len(self.topt.layers), device)
+        shared_row_modes(vllm_config, device)
         if self.topt_window is None:
             decode_buffers(vllm_config, num_heads, num_kv_heads, head_size, device)
 
@@ -282,14 +289,18 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
         topt_decode(
             query, key_cache, value_cache, batch.decode_block_table, batch.decode_seq_lens, theta, state.plan.rule,
             self.scale, v_block_sums=state.v_block_sums, logits_soft_cap=self.logits_soft_cap or None,
-            out=output, counters=state.counters.expand(num_decodes, -1), scratch=meta.topt_scratch,
+            out=output, counters=state.counters[:1].expand(num_decodes, -1), row_modes=batch.row_modes,
+            dense_counter_offset=state.counters.stride(0), scratch=meta.topt_scratch,
             num_segments=meta.topt_num_segments, max_pages=meta.topt_scratch.block_max.shape[2],
         )
 
-    def _add_counters(self, state: CudaLayerState, counters: torch.Tensor, dense_rows: torch.Tensor | None) -> None:
-        # Added on the device without a sync (and so replayed by a captured graph), read at report time.
-        # `dense_rows` is always None here: per-request modes are refused on CUDA at admission.
-        state.counters += counters.sum(dim=0, keepdim=True)
+    def _add_counters(self, state: CudaLayerState, counters: torch.Tensor, batch: ToptBatch) -> None:
+        # Added on the device without a sync (and so replayed by a captured graph), read at report time:
+        # each row to its mode's row of the layer's counters (0: the server's mode, 1: asked for dense).
+        if batch.row_modes is None:
+            state.counters[:1] += counters.sum(dim=0, keepdim=True)
+        else:
+            state.counters.index_add_(0, batch.row_modes[: counters.shape[0]], counters)
 
     def _update_v_block_sums(self, v_block_sums, value, slot_mapping, block_size: int) -> None:
         update_v_block_sums(v_block_sums, value, slot_mapping, block_size)

@@ -87,6 +87,21 @@ def shared_decode_buffers(vllm_config, num_heads: int, num_kv_heads: int, head_s
     return _shared[key]
 
 
+_row_modes: dict[torch.device, object] = {}
+
+
+def shared_row_modes(vllm_config, device):
+    """The process's `request_modes.RowModes` on this device (made on first call, before any capture)."""
+    from vllm_topt.request_modes import RowModes
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _row_modes:
+        _row_modes[device] = RowModes(max_decode_rows(vllm_config), device)
+    return _row_modes[device]
+
+
 # --------------------------------------------------------------------------- V sums in the KV budget
 
 

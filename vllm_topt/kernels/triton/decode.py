@@ -180,7 +180,7 @@ def _page_alive(page_max, m, S, theta, head_ok, pg_ok, POST: tl.constexpr):
 
 @triton.jit
 def _topt_sparse_kernel(
-    Q, K, V, BT, SEQ, THETA, VSUM, BMAX, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES,
+    Q, K, V, BT, SEQ, THETA, VSUM, BMAX, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES, MODE,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -223,8 +223,9 @@ def _topt_sparse_kernel(
     m = tl.where(m > float("-inf"), m, 0.0)  # empty rows (n = 0)
     S = tl.sum(tl.load(PL + seg_part, mask=head_ok[:, None], other=0.0) * tl.exp(seg_m - m[:, None]), axis=1)
     S = tl.where(S > 0.0, S, 1.0)
-    # Rows with n <= k keep everything (SPEC §2): a threshold nothing falls below.
-    sparse_row = n > k_target
+    # Rows with n <= k keep everything (SPEC §2), and so do the rows of requests that asked to decode dense
+    # (MODE 1): a threshold nothing falls below.
+    sparse_row = (n > k_target) & (tl.load(MODE + b) == 0)
     lowest = -1.0 if POST else float("-inf")
     theta = tl.load(THETA + b * stride_thb + h, mask=head_ok, other=0.0)
     theta = tl.where(sparse_row, theta, lowest)
@@ -348,8 +349,8 @@ def _topt_sparse_kernel(
 
 @triton.jit
 def _topt_combine_kernel(
-    OUT, SEQ, THETA, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES, CNT,
-    stride_ob, stride_oh, stride_pb, stride_ph, stride_kvpb, stride_kvph, stride_thb, stride_cnt,
+    OUT, SEQ, THETA, PM, PL, PACC, PSK, PKEPT, PVSUM, PVMEAN, PDROP, PROWS, PPAGES, CNT, MODE,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_kvpb, stride_kvph, stride_thb, stride_cnt, stride_cnt_mode,
     k_target,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
     NSEG: tl.constexpr, DENSE: tl.constexpr, POST: tl.constexpr, SDC: tl.constexpr, VMC: tl.constexpr,
@@ -373,7 +374,8 @@ def _topt_combine_kernel(
     m = tl.where(m > float("-inf"), m, 0.0)  # empty rows (n = 0)
     S = tl.sum(tl.load(PL + seg_part, mask=head_ok[:, None], other=0.0) * tl.exp(seg_m - m[:, None]), axis=1)
     S = tl.where(S > 0.0, S, 1.0)
-    sparse_row = n > k_target
+    mode = tl.load(MODE + b).to(tl.int32)  # 1: the row's request asked to decode dense
+    sparse_row = (n > k_target) & (mode == 0)
 
     # PM, PL above and the partials below come from the earlier launches on the same stream (the
     # scores kernel, and the sparse kernel on sparse layers): complete here, nothing to synchronise.
@@ -459,7 +461,8 @@ def _topt_combine_kernel(
         # order; nothing in this launch reads the counters (the host or a later launch does, after
         # it, in stream order), so no ordering between programs is needed.
         num_fields = tl.where(n > 0, _NUM_COUNTERS, 0)
-        tl.atomic_add(CNT + b * stride_cnt + f, val, mask=f < num_fields)
+        # A dense-mode row counts stride_cnt_mode further on (the bank's dense-request plane).
+        tl.atomic_add(CNT + b * stride_cnt + mode * stride_cnt_mode + f, val, mask=f < num_fields)
 
 
 # Decided when this module is imported (TRITON_INTERPRET=1 then): the kernels run on CPU
@@ -504,6 +507,7 @@ class ToptScratch:
     flat_f32: torch.Tensor
     flat_i32: torch.Tensor
     dummy: torch.Tensor  # stands in for absent optional inputs
+    no_modes: torch.Tensor  # [max_batch] int32 zeros: every row in the server's mode (row_modes=None)
 
     @classmethod
     def allocate(cls, max_batch: int, num_heads: int, num_kv_heads: int, head_size: int, max_pages: int,
@@ -519,6 +523,7 @@ class ToptScratch:
             flat_f32=torch.empty(f32, dtype=torch.float32, device=device),
             flat_i32=torch.empty(i32, dtype=torch.int32, device=device),
             dummy=torch.zeros(1, dtype=torch.float32, device=device),
+            no_modes=torch.zeros(max_batch, dtype=torch.int32, device=device),
         )
 
     @property
@@ -528,7 +533,8 @@ class ToptScratch:
     @property
     def nbytes(self) -> int:
         """Device bytes these buffers hold."""
-        return sum(t.numel() * t.element_size() for t in (self.page_stats, self.flat_f32, self.flat_i32, self.dummy))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.page_stats, self.flat_f32, self.flat_i32, self.dummy, self.no_modes))
 
     @property
     def block_vmc(self) -> bool:
@@ -697,6 +703,8 @@ def topt_decode(
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    row_modes: torch.Tensor | None = None,
+    dense_counter_offset: int = 0,
     scratch: ToptScratch | None = None,
     num_segments: int | None = None,
     max_seq_len: int | None = None,
@@ -718,6 +726,9 @@ def topt_decode(
     block_vmc=True, or none). counters: [B, 10] int64 (COUNTER_FIELDS order) the
     kernel adds each row's SPEC §7 counts to (a row stride of 0 sums the
     batch into one row); nothing here synchronises with the host.
+    row_modes: [>= B] int32, 1 for a row whose request asked to decode dense:
+    every element kept and no compensation (as n <= k), its counts added
+    `dense_counter_offset` elements further on in `counters`; None: all 0.
     scratch: reusable work buffers (allocated per call if None); max_pages:
     the most pages any row spans (default: the block table's width).
     num_segments: key-range splits per row (a power of two; default by batch
@@ -760,6 +771,9 @@ def topt_decode(
     stride_pb, stride_ph = sc.seg_max.stride(0), sc.seg_max.stride(1)
     stride_kvpb, stride_kvph = sc.seg_rows.stride(0), sc.seg_rows.stride(1)
     theta_t = scratch.dummy if dense else theta
+    modes = scratch.no_modes if row_modes is None else row_modes
+    if modes.numel() < B or modes.dtype != torch.int32:
+        raise ValueError(f"row_modes: int32 [>= {B}], not {modes.dtype} {tuple(modes.shape)}")
     vsum_t = v_block_sums if vmc else scratch.dummy
     # Block-wise VMC's buffers; dummies for other rules.
     vmean, dropped = (sc.seg_vmean, sc.seg_dropped) if block_vmc else (scratch.dummy,) * 2
@@ -779,7 +793,7 @@ def topt_decode(
         _topt_sparse_kernel[(B, H_kv, nseg)](
             query, key_cache, value_cache, block_table, seq_lens, theta_t, vsum_t, bmax,
             sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum, vmean, dropped,
-            sc.seg_rows, sc.seg_pages,
+            sc.seg_rows, sc.seg_pages, modes,
             query.stride(0), query.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -792,9 +806,9 @@ def topt_decode(
     cnt = counters if counters is not None else scratch.dummy
     _topt_combine_kernel[(B, H_kv)](
         out, seq_lens, theta_t, sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum,
-        vmean, dropped, sc.seg_rows, sc.seg_pages, cnt,
+        vmean, dropped, sc.seg_rows, sc.seg_pages, cnt, modes,
         out.stride(0), out.stride(1), stride_pb, stride_ph, stride_kvpb, stride_kvph,
-        theta_t.stride(0), counters.stride(0) if counters is not None else 0,
+        theta_t.stride(0), counters.stride(0) if counters is not None else 0, dense_counter_offset,
         rule.k,
         **launch.combine,
     )
