@@ -1,0 +1,84 @@
+"""Per-request modes without an engine: validation, the row flags vLLM's batch updates move, the
+processor chosen per model runner, and the device buffer the CUDA builder fills.
+
+The same flags through the real engine and server: tests/test_engine.py (mixed batch) and
+tests/test_server.py (a 400 for an unknown mode)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from vllm_topt import request_modes
+
+
+def params(mode: str | None = None) -> SamplingParams:
+    return SamplingParams(extra_args=None if mode is None else {"topt": mode})
+
+
+def test_a_mode_is_sparse_dense_or_absent_and_anything_else_names_the_allowed_ones():
+    assert request_modes.requested_mode(params()) is None
+    assert request_modes.requested_mode(params("dense")) == "dense"
+    assert request_modes.requested_mode(params("sparse")) == "sparse"
+    with pytest.raises(ValueError, match=r"'fast' is not a TOPT mode; allowed: 'sparse', 'dense'"):
+        request_modes.ToptRequestModes.validate_params(params("fast"))
+
+
+def test_row_flags_follow_the_persistent_batch():
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))
+    modes = request_modes.ToptRequestModes(config, torch.device("cpu"), False)
+    update = BatchUpdate(batch_size=3, removed=[],
+                         added=[(0, params("dense"), None, []), (1, params(), None, []), (2, params("dense"), None, [])],
+                         moved=[])
+    modes.update_state(update)
+    assert modes.dense.tolist() == [True, False, True, False]
+    assert request_modes.dense_rows(3).tolist() == [True, False, True]
+    # Row 0 finishes; row 2 moves into its place (vLLM condenses the batch), then rows 0 and 1 swap.
+    modes.update_state(BatchUpdate(batch_size=2, removed=[0], added=[],
+                                   moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL), (0, 1, MoveDirectionality.SWAP)]))
+    assert modes.dense.tolist() == [False, True, False, False]
+    modes.update_state(BatchUpdate(batch_size=2, removed=[1], added=[], moved=[]))
+    assert request_modes.dense_rows(2) is None  # nobody asks for dense: the layers take the plain path
+    logits = torch.randn(2, 7)
+    assert modes.apply(logits) is logits and modes.is_argmax_invariant()
+
+
+def test_the_processor_matches_the_model_runner_and_is_added_once():
+    def config(v2: bool, runner: str = "generate"):
+        return SimpleNamespace(use_v2_model_runner=v2,
+                               model_config=SimpleNamespace(runner_type=runner, logits_processors=["other:Proc"]))
+
+    v1 = config(False)
+    request_modes.install(v1)
+    request_modes.install(v1)
+    assert v1.model_config.logits_processors == ["other:Proc", request_modes.V1_PROCESSOR]
+    v2 = config(True)
+    request_modes.install(v2)
+    assert v2.model_config.logits_processors == ["other:Proc", request_modes.V2_PROCESSOR]
+    pooling = config(False, runner="pooling")
+    request_modes.install(pooling)
+    assert pooling.model_config.logits_processors == ["other:Proc"]
+
+
+def test_the_v2_runner_refuses_a_mode_and_says_how_to_get_one():
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    processor = resolve_obj_by_qualname(request_modes.V2_PROCESSOR.replace(":", "."))
+    processor.validate_params(params())  # saying nothing is fine
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        processor.validate_params(params("dense"))
+
+
+def test_the_device_buffer_holds_this_steps_modes_and_clears():
+    modes = request_modes.RowModes(5, "cpu")
+    pointer = modes.tensor.data_ptr()
+    assert modes.fill(torch.tensor([True, False, True])).tolist() == [1, 0, 1, 0, 0]
+    assert modes.fill(torch.tensor([False, True])).tolist() == [0, 1, 0, 0, 0]  # stale rows cleared
+    assert modes.fill(None).tolist() == [0] * 5 and not modes.dirty
+    assert modes.tensor.data_ptr() == pointer  # one buffer for good: a captured graph reads it
+    with pytest.raises(RuntimeError, match="row modes sized for 5"):
+        modes.fill(torch.ones(6, dtype=torch.bool))
