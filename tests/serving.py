@@ -25,9 +25,7 @@ def free_port() -> int:
 
 
 def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL, extra_args=(),
-                   backend: str = "topt", one_process_worker: bool = True) -> list[str]:
-    """The server's command line. one_process_worker: the worker runs inside the engine-core process (one
-    process less to start, each imports vLLM); off where the arguments under test choose the executor."""
+                   backend: str = "topt") -> list[str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", "default",
@@ -35,8 +33,6 @@ def server_command(port: int, topt: dict | None, model: Path = DEFAULT_MODEL, ex
         "--max-model-len", "4096", "--max-num-seqs", "8", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port),
     ]
-    if one_process_worker:
-        cmd += ["--distributed-executor-backend", "uni"]
     if topt is not None:
         cmd += ["--additional-config", json.dumps({"topt": topt})]
     return cmd + list(extra_args)

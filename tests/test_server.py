@@ -178,8 +178,8 @@ def refusal_inputs(case: str, root: Path) -> tuple[dict, Path, list[str]]:
 
 def run_refusing_server(topt: dict, model: Path, args: list[str]) -> tuple[int, str, float]:
     start = time.monotonic()
-    proc = subprocess.run(server_command(free_port(), topt, model, args, one_process_worker=False), cwd=ROOT,
-                          env=server_env(), capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    proc = subprocess.run(server_command(free_port(), topt, model, args), cwd=ROOT, env=server_env(),
+                          capture_output=True, text=True, timeout=START_TIMEOUT_S)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 

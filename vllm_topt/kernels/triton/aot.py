@@ -1,6 +1,6 @@
 """Compile every Triton kernel of `decode` ahead of time for a named GPU, with no GPU: registers, spills, smem.
 
-    python -m vllm_topt.kernels.triton.aot [--json OUT] [--targets sm_90,sm_80] [--jobs N] [--full]
+    python -m vllm_topt.kernels.triton.aot [--json OUT] [--targets sm_90,sm_80] [--jobs N] [--full | --heaviest]
     python -m vllm_topt.kernels.triton.aot --triton 3.6.0 --json OUT   # the same under another Triton
 
 What is compiled is what the CUDA backend launches: `backend_launches` runs the
@@ -28,7 +28,8 @@ rule (dense; post-softmax +- VMC; pre-softmax x SDC none / exact / exp-threshold
 off, block sizes 16/32/64, group sizes 1, 2, 3, 6, 7, 8, 16 (the shipped
 configs' 3, 6, 7 among them) and batches giving 64, 8 and 1 segments per row
 (1 also turns the segment strides into constants), spread over the targets
-and dtypes. `--full` adds fp32 and MQA-like group sizes (32, 64).
+and dtypes. `--full` adds fp32 and MQA-like group sizes (32, 64); `--heaviest`
+keeps only the heaviest launches of each cell (where spills would show first).
 Identical specialisations are compiled once.
 
 Exit status 1 if a kernel fails to compile or spills. Needs torch and triton
@@ -124,7 +125,7 @@ def _shape(dtype, head_size, *, block_size=16, group_size=8, num_kv_heads=8, seg
     return Shape(head_size, dtype, group_size, num_kv_heads, block_size, batch=batch, **rule)
 
 
-def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, Shape]]:
+def launch_plan(full: bool = False, targets=tuple(TARGETS), heaviest: bool = False) -> list[tuple[str, Shape]]:
     """(target, shape) pairs the compile check covers.
 
     Default: on every target x head size x dtype (bf16, fp16) cell, the heaviest
@@ -136,6 +137,8 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
     pre-softmax's VMC x soft-cap pairs occurs) on each of the `STRUCTURES`
     (block size, group size, segment count), each sparse and dense, the
     (target, dtype) cells taking these in turn.
+    `heaviest`: only those heavy launches of each cell (and fp32's), not the
+    rule and structure variants.
     `full`: fp32 cells too, and MQA-like group sizes (32, 64) with the heavy
     rules at block sizes 16 and 64 on every cell. Either way fp32 heavy
     launches at block size 16 where the backend serves fp32
@@ -166,7 +169,7 @@ def launch_plan(full: bool = False, targets=tuple(TARGETS)) -> list[tuple[str, S
                      for bs in (16, 64) for g in (32, 64) for kw in heavy]
         for target, dtype in cells:
             pairs += [(target, _shape(dtype, d, **kw)) for kw in base]
-        for i, kw in enumerate(rest):
+        for i, kw in enumerate([] if heaviest else rest):
             # In turn over the cells; i // 2 shifts the turn so that alternating items reach every cell.
             target, dtype = cells[(i + i // 2) % len(cells)]
             pairs.append((target, _shape(dtype, d, **kw)))
@@ -463,7 +466,7 @@ def _init_worker(env: dict) -> None:
 
 
 def run(targets=tuple(TARGETS), full: bool = False, jobs: int | None = None,
-        pairs: list[tuple[str, Shape]] | None = None) -> dict:
+        pairs: list[tuple[str, Shape]] | None = None, heaviest: bool = False) -> dict:
     """Plan, compile (in a process pool) and return the report (see `main`)."""
     import torch
     import triton
@@ -474,7 +477,7 @@ def run(targets=tuple(TARGETS), full: bool = False, jobs: int | None = None,
     env = {"TRITON_CACHE_DIR": cache, "TRITON_DUMP_PTXAS_LOG": "1"}
     os.environ.pop("TRITON_INTERPRET", None)
     try:
-        pairs = launch_plan(full, targets) if pairs is None else pairs
+        pairs = launch_plan(full, targets, heaviest) if pairs is None else pairs
         planned = plan(pairs)
         plan_s = time.perf_counter() - start
         workers = max(1, min(jobs or len(os.sched_getaffinity(0)), len(planned)))
@@ -508,6 +511,7 @@ def run(targets=tuple(TARGETS), full: bool = False, jobs: int | None = None,
     return {
         "triton": {"version": triton.__version__, "path": str(Path(triton.__file__).parent)},
         "torch": torch.__version__, "python": sys.version.split()[0], "targets": list(targets), "full": full,
+        "heaviest": heaviest,
         "kernels_defined": defined, "kernels_compiled": compiled,
         "num_launch_shapes": len(pairs), "num_compiled": len(results),
         "num_failed": len(failures), "failures": [_failure_text(r) for r in failures], "plan_seconds": round(plan_s, 1),
@@ -615,6 +619,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="sm_90,sm_80", help=f"comma-separated, of {', '.join(TARGETS)}")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per usable core)")
     parser.add_argument("--full", action="store_true", help="also fp32 and MQA-like group sizes (32, 64)")
+    parser.add_argument("--heaviest", action="store_true", help="only each cell's heaviest launches")
     parser.add_argument("--triton", metavar="VERSION", help="install this Triton into the user cache and use it")
     parser.add_argument("--table", default="sm_90", help="target whose table is printed ('all' for every one)")
     args = parser.parse_args(argv)
@@ -623,13 +628,14 @@ def main(argv=None) -> int:
         rest = ["--targets", args.targets, "--table", args.table]
         rest += (["--json", args.json] if args.json else []) + (["--jobs", str(args.jobs)] if args.jobs else [])
         rest += ["--full"] if args.full else []
+        rest += ["--heaviest"] if args.heaviest else []
         return subprocess.run([sys.executable, "-m", "vllm_topt.kernels.triton.aot", *rest],
                               env=side_env(folder)).returncode
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown targets {unknown}: expected {', '.join(TARGETS)}")
-    report = run(targets, args.full, args.jobs)
+    report = run(targets, args.full, args.jobs, heaviest=args.heaviest)
     print(table(report, None if args.table == "all" else args.table))
     for text in report["failures"]:
         print(f"\nFAILED {text}", file=sys.stderr)
