@@ -23,9 +23,14 @@ ENGINE_TIMEOUT_S = 600
 ONE_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+def single_rank(spec: dict) -> bool:
+    """Whether the engine has one rank, and so runs as one process (ONE_PROCESS_ENGINE)."""
+    return spec.get("tensor_parallel_size", 1) == 1
+
+
 def run_engine(spec: dict, log_dir: Path, label: str, **env) -> dict:
     """Run `main(spec)` in a fresh process; return its result plus the full log."""
-    if spec.get("tensor_parallel_size", 1) == 1:
+    if single_rank(spec):
         env = {**ONE_PROCESS_ENGINE, **env}
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1", **env)
     proc = subprocess.run(
@@ -62,7 +67,7 @@ def main(spec: dict) -> dict:
         kwargs["additional_config"] = {"topt": spec["topt"]}
     if "tensor_parallel_size" in spec:
         kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
-    if spec.get("tensor_parallel_size", 1) == 1:
+    if single_rank(spec):
         kwargs["distributed_executor_backend"] = "uni"  # the worker in this process (ONE_PROCESS_ENGINE)
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24), ignore_eos=spec.get("ignore_eos", False),

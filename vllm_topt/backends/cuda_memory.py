@@ -63,6 +63,14 @@ class DecodeBuffers:
 _shared: dict[tuple, DecodeBuffers] = {}
 
 
+def _indexed(device) -> torch.device:
+    """The device with its index: "cuda" and "cuda:0" name one device here (one key per device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def shared_decode_buffers(vllm_config, num_heads: int, num_kv_heads: int, head_size: int, block_vmc: bool,
                           device) -> DecodeBuffers:
     """The process's decode buffers for these shapes (made on first call, logged with their size)."""
@@ -70,9 +78,7 @@ def shared_decode_buffers(vllm_config, num_heads: int, num_kv_heads: int, head_s
 
     rows = max_decode_rows(vllm_config)
     pages = max_pages(vllm_config, SUPPORTED_BLOCK_SIZES)
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" name one device here
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(device)
     key = (rows, pages, num_heads, num_kv_heads, head_size, block_vmc, device)
     if key not in _shared:
         segments = {b: choose_num_segments(b, num_kv_heads) for b in range(1, rows + 1)}
@@ -94,9 +100,7 @@ def shared_row_modes(vllm_config, device):
     """The process's `request_modes.RowModes` on this device (made on first call, before any capture)."""
     from vllm_topt.request_modes import RowModes
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(device)
     if device not in _row_modes:
         _row_modes[device] = RowModes(max_decode_rows(vllm_config), device)
     return _row_modes[device]
