@@ -137,7 +137,7 @@ import triton
 sys.path.insert(0, str(ROOT))
 from benchmarks import cuda_paged as paged
 from vllm_topt.kernels.triton import decode as td
-from vllm_topt.method.rules import DensityCounts, Placement, ToptRule
+from vllm_topt.method.rules import DENSE_MODE_CODE, DensityCounts, Placement, ToptRule
 from vllm_topt.method.reference import compensation_mean, keep_mask, kept_weights, topt_attention_reference
 
 DEVICE = "cpu" if ARGS.interpret else "cuda"
@@ -975,8 +975,8 @@ class BackendStep:
 
     def set_modes(self, dense: torch.Tensor | None) -> None:
         """This step's per-request modes, as the builder's build writes them (host flags, device buffer)."""
-        self.meta.topt.dense_rows = dense
-        self.modes.fill(dense)
+        self.meta.topt.modes = None if dense is None else dense.to(torch.int32) * DENSE_MODE_CODE
+        self.modes.fill(self.meta.topt.modes)
 
     def run(self) -> None:
         """The attention part of a model forward: every layer's `forward`, in order."""
@@ -1157,8 +1157,8 @@ def without_padding_row(step: BackendStep) -> BackendStep:
                                  decode_block_table=batch.decode_block_table[:B]))
     output = torch.full_like(step.output[:, :B], float("nan"))
     unpadded = BackendStep(step.layers, step.query[:B].contiguous(), small, output, step.lengths[:B], step.modes)
-    dense = batch.dense_rows
-    unpadded.set_modes(None if dense is None else dense[:B])
+    modes = batch.modes
+    unpadded.set_modes(None if modes is None else modes[:B] == DENSE_MODE_CODE)
     return unpadded
 
 
@@ -1176,7 +1176,7 @@ def backend_eager(step: BackendStep) -> dict:
     step.run()
     sync()
     telemetry.flush()
-    counts, dense_counts = telemetry.snapshot(), telemetry.snapshot(dense_requests=True)
+    counts, dense_counts = telemetry.snapshot(), telemetry.snapshot(DENSE_MODE_CODE)
     output = step.output.clone()
     unpadded = without_padding_row(step)
     unpadded.run()
@@ -1232,7 +1232,7 @@ def backend_graph(step: BackendStep, modules, dense: torch.Tensor | None = None)
         step.run()  # the "replay"
     telemetry.flush()
     return {"output": step.output.clone(), "counts": telemetry.snapshot(),
-            "dense_counts": telemetry.snapshot(dense_requests=True)}
+            "dense_counts": telemetry.snapshot(DENSE_MODE_CODE)}
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor, exact: bool) -> tuple[bool, float]:

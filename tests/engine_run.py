@@ -82,25 +82,44 @@ def main(spec: dict) -> dict:
         # Per generated position: {token id: log-probability} of the top tokens.
         result["logprobs"] = [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
                               for o in outputs]
-    if "dense_requests" in spec:
+    if "request_modes" in spec:
         result["mixed_token_ids"] = mixed_batch(llm, spec, params)
+    if "point_batch" in spec:
+        result["point_token_ids"] = one_mode_batch(llm, spec, params, spec["point_batch"])
     return result
 
 
-def mixed_batch(llm, spec: dict, params) -> list[list[int]]:
-    """The same prompts again in one batch, the `dense_requests` ones asking TOPT to decode them dense.
-
-    The stats file as it was before this batch is kept as `<stats_file>.before_mixed`."""
+def keep_stats(spec: dict, suffix: str) -> None:
+    """Copy the stats file as it is now to `<stats_file>.<suffix>` (before the next batch adds to it)."""
     import shutil
 
     stats_file = spec.get("topt", {}).get("stats_file")
     if stats_file:
-        shutil.copy(stats_file, f"{stats_file}.before_mixed")
+        shutil.copy(stats_file, f"{stats_file}.{suffix}")
+
+
+def generate_in_modes(llm, spec: dict, params, modes: dict[int, str]) -> list[list[int]]:
+    """The spec's prompts in one batch, prompt i asking TOPT for mode `modes[i]` (`"vllm_xargs"` through the
+    server), the others saying nothing."""
     per_request = [params.clone() for _ in spec["prompts"]]
-    for i in spec["dense_requests"]:
-        per_request[i].extra_args = {"topt": "dense"}
+    for i, mode in modes.items():
+        per_request[i].extra_args = {"topt": mode}
     outputs = llm.generate(spec["prompts"], per_request, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def mixed_batch(llm, spec: dict, params) -> list[list[int]]:
+    """The same prompts again in one batch, each asking for its mode in `request_modes` ({index: mode}).
+
+    The stats file as it was before this batch is kept as `<stats_file>.before_mixed`."""
+    keep_stats(spec, "before_mixed")
+    return generate_in_modes(llm, spec, params, {int(i): mode for i, mode in spec["request_modes"].items()})
+
+
+def one_mode_batch(llm, spec: dict, params, mode: str) -> list[list[int]]:
+    """Every prompt again in one batch, all asking for `mode`; the stats before it kept as `.before_point`."""
+    keep_stats(spec, "before_point")
+    return generate_in_modes(llm, spec, params, dict.fromkeys(range(len(spec["prompts"])), mode))
 
 
 if __name__ == "__main__":

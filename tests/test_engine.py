@@ -63,17 +63,24 @@ def topt_no_sparsity(tmp_dir):
 def topt_sparse(tmp_dir):
     stats = tmp_dir / "sparse.json"
     topt = {"stats_file": str(stats), "telemetry_interval_s": 0, "operating_point": SPARSE_OPERATING_POINT}
+    topt["request_points"] = {POINT: POINT}
+    modes = dict.fromkeys(DENSE_REQUESTS, "dense") | dict.fromkeys(POINT_REQUESTS, POINT)
     spec = {"backend": "TOPT", "topt": topt, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS,
-            "dense_requests": DENSE_REQUESTS}
+            "request_modes": modes, "point_batch": POINT}
     result = run_engine(spec, tmp_dir, "sparse")
     result["stats"] = json.loads((tmp_dir / "sparse.json.before_mixed").read_text())
-    result["mixed_stats"] = json.loads(stats.read_text())
+    result["mixed_stats"] = json.loads((tmp_dir / "sparse.json.before_point").read_text())
+    result["point_stats"] = json.loads(stats.read_text())
     return result
 
 
 # The second batch of the sparse engine: these prompts ask to decode dense (`"vllm_xargs": {"topt": "dense"}`
-# through the server), the others say nothing, in the same batches.
+# through the server), these the server's request point POINT (the shipped quality file, loaded beside the
+# speed file the engine serves), the others say nothing, in the same batches. A third batch asks for POINT in
+# every request.
 DENSE_REQUESTS = [1, 3]
+POINT = "quality"
+POINT_REQUESTS = [2]
 
 
 def test_disable_sparsity_matches_dense_tokens(dense, topt_no_sparsity):
@@ -120,15 +127,38 @@ def test_requests_asking_for_dense_get_dense_tokens_in_a_mixed_batch(dense, topt
         assert mixed[i] == want, (i, "dense" if i in DENSE_REQUESTS else "sparse")
     assert any(dense["token_ids"][i] != topt_sparse["token_ids"][i] for i in DENSE_REQUESTS), \
         "the dense prompts decode the same sparse and dense: the check would not see a sparse decode"
-    dense_rows = sum(c["rows"] for c in topt_sparse["mixed_stats"]["dense_requests_per_layer"].values())
+    dense_rows = mode_total(topt_sparse["mixed_stats"], "dense", "rows")
     decode_steps = sum(len(mixed[i]) - 1 for i in DENSE_REQUESTS)
     assert 30 * decode_steps <= dense_rows <= 30 * (decode_steps + len(DENSE_REQUESTS))
-    kept = sum(c["elements_kept"] for c in topt_sparse["mixed_stats"]["dense_requests_per_layer"].values())
-    visible = sum(c["elements_visible"] for c in topt_sparse["mixed_stats"]["dense_requests_per_layer"].values())
-    assert kept == visible > 0
+    kept = mode_total(topt_sparse["mixed_stats"], "dense", "elements_kept")
+    assert kept == mode_total(topt_sparse["mixed_stats"], "dense", "elements_visible") > 0
     sparse_rows = topt_sparse["mixed_stats"]["total"]["rows"] - topt_sparse["stats"]["total"]["rows"]
-    sparse_steps = sum(len(mixed[i]) - 1 for i in range(len(PROMPTS)) if i not in DENSE_REQUESTS)
-    assert 30 * sparse_steps <= sparse_rows <= 30 * (sparse_steps + len(PROMPTS) - len(DENSE_REQUESTS))
+    in_server_mode = [i for i in range(len(PROMPTS)) if i not in DENSE_REQUESTS + POINT_REQUESTS]
+    sparse_steps = sum(len(mixed[i]) - 1 for i in in_server_mode)
+    assert 30 * sparse_steps <= sparse_rows <= 30 * (sparse_steps + len(in_server_mode))
+
+
+def mode_total(stats: dict, mode: str, field: str) -> int:
+    """A counter summed over the layers, for the rows of requests in request mode `mode`."""
+    return sum(c[field] for c in stats["request_modes"].get(mode, {}).values())
+
+
+def test_a_request_point_decodes_as_when_every_request_asks_for_it(topt_sparse):
+    """A request naming the server's request point (the quality file, beside the speed file it serves) decodes
+    in the mixed batch as it does when every request asks for the point, and is counted apart, at the
+    point's own density: more elements than the speed file keeps on the same prompts."""
+    mixed, point = topt_sparse["mixed_token_ids"], topt_sparse["point_token_ids"]
+    for i in POINT_REQUESTS:
+        assert mixed[i] == point[i], i
+    point_rows = mode_total(topt_sparse["point_stats"], POINT, "rows")
+    decode_steps = sum(len(ids) - 1 for ids in point) + sum(len(mixed[i]) - 1 for i in POINT_REQUESTS)
+    assert 30 * decode_steps <= point_rows <= 30 * (decode_steps + len(PROMPTS) + len(POINT_REQUESTS))
+    point_density = (mode_total(topt_sparse["point_stats"], POINT, "elements_kept")
+                     / mode_total(topt_sparse["point_stats"], POINT, "elements_visible"))
+    speed_density = topt_sparse["stats"]["total"]["element_density"]  # the first batch: same prompts, speed file
+    assert 1.2 * speed_density < point_density < 0.5, (point_density, speed_density)
+    # The batch of the point only added to the point's counters.
+    assert topt_sparse["point_stats"]["total"] == topt_sparse["mixed_stats"]["total"]
 
 
 def test_sparse_answers_stay_sensible(dense, topt_sparse):

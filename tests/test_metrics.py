@@ -119,20 +119,23 @@ def test_the_collector_is_in_vllms_multiprocess_registry(exchange, tmp_path, mon
     assert scrape(registry)[key] == 5
 
 
-def test_requests_that_asked_for_dense_are_counted_apart(exchange):
-    """Their rows get their own series; the density gauges (like the log line) describe the sparse rows."""
+def test_requests_in_other_modes_are_counted_apart(exchange):
+    """Dense and request-point rows get their own series; the density gauges (like the log line) describe the
+    rows in the server's mode."""
     import logging
 
     telemetry.reset()
     try:
         telemetry.record(0, counts(4, 10, thresholded_target=8))
-        telemetry.record(0, counts(2, 100), dense_request=True)
+        telemetry.record(0, counts(2, 100), mode=1)
+        telemetry.record(0, counts(3, 20), mode=2)
         logger = logging.getLogger("topt-test")
         with pytest.MonkeyPatch.context() as mp:
             lines = []
             mp.setattr(logger, "info", lines.append)
-            telemetry._write_report(logger, None, telemetry.RunMode(32, False, 1, 1, (0,)))
-        assert "requests asking for dense: 2 rows" in lines[0] and "decode kept 10.0%" in lines[0], lines
+            telemetry._write_report(logger, None, telemetry.RunMode(32, False, 1, 1, (0,), ("sparse", "dense", "q")))
+        assert "requests asking for dense: 2 rows, all kept" in lines[0] and "decode kept 10.0%" in lines[0], lines
+        assert "requests asking for q: 3 rows, kept 20.0% of elements" in lines[0], lines
     finally:
         telemetry.reset()
     registry = CollectorRegistry()
@@ -142,4 +145,5 @@ def test_requests_that_asked_for_dense_are_counted_apart(exchange):
     assert got[("vllm_topt:decode_rows_total", labels("dense"))] == 2
     assert got[("vllm_topt:attention_elements_kept_total", labels("dense"))] == 100
     assert got[("vllm_topt:attention_elements_kept_total", labels("sparse"))] == 10
+    assert got[("vllm_topt:attention_elements_kept_total", labels("q"))] == 20
     assert got[("vllm_topt:element_density", ())] == pytest.approx(0.1)

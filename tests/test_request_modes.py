@@ -20,29 +20,51 @@ def params(mode: str | None = None) -> SamplingParams:
     return SamplingParams(extra_args=None if mode is None else {"topt": mode})
 
 
+def engine_config(max_num_seqs: int = 4, points: dict | None = None):
+    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+                           additional_config={"topt": {"request_points": points or {}}})
+
+
+@pytest.fixture(autouse=True)
+def built_in_modes():
+    request_modes.accept_modes_of(engine_config())
+    yield
+    request_modes.accept_modes_of(engine_config())
+
+
 def test_a_mode_is_sparse_dense_or_absent_and_anything_else_names_the_allowed_ones():
     assert request_modes.requested_mode(params()) is None
     assert request_modes.requested_mode(params("dense")) == "dense"
     assert request_modes.requested_mode(params("sparse")) == "sparse"
-    with pytest.raises(ValueError, match=r"'fast' is not a TOPT mode; allowed: 'sparse', 'dense'"):
+    with pytest.raises(ValueError, match=r"'fast' is not a TOPT mode of this server; allowed: 'sparse', 'dense'"):
         request_modes.ToptRequestModes.validate_params(params("fast"))
 
 
+def test_a_server_accepts_its_request_points_by_name_and_codes_them_after_dense():
+    request_modes.install(SimpleNamespace(**vars(engine_config(points={"speed": "speed", "mine": "/x.json"})),
+                                          use_v2_model_runner=False,
+                                          model_config=SimpleNamespace(runner_type="generate", logits_processors=[])))
+    assert request_modes.accepted_modes() == ("sparse", "dense", "speed", "mine")
+    assert [request_modes.mode_code(params(m)) for m in (None, "sparse", "dense", "speed", "mine")] == [0, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"allowed: 'sparse', 'dense', 'speed', 'mine'"):
+        request_modes.ToptRequestModes.validate_params(params("quality"))
+
+
 def test_row_flags_follow_the_persistent_batch():
-    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))
-    modes = request_modes.ToptRequestModes(config, torch.device("cpu"), False)
+    # The engine's processor accepts the modes of its own configuration (the front end's `install` ran elsewhere).
+    modes = request_modes.ToptRequestModes(engine_config(points={"q": "quality"}), torch.device("cpu"), False)
     update = BatchUpdate(batch_size=3, removed=[],
-                         added=[(0, params("dense"), None, []), (1, params(), None, []), (2, params("dense"), None, [])],
+                         added=[(0, params("dense"), None, []), (1, params(), None, []), (2, params("q"), None, [])],
                          moved=[])
     modes.update_state(update)
-    assert modes.dense.tolist() == [True, False, True, False]
-    assert request_modes.dense_rows(3).tolist() == [True, False, True]
+    assert modes.codes.tolist() == [1, 0, 2, 0]
+    assert request_modes.row_modes(3).tolist() == [1, 0, 2]
     # Row 0 finishes; row 2 moves into its place (vLLM condenses the batch), then rows 0 and 1 swap.
     modes.update_state(BatchUpdate(batch_size=2, removed=[0], added=[],
                                    moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL), (0, 1, MoveDirectionality.SWAP)]))
-    assert modes.dense.tolist() == [False, True, False, False]
+    assert modes.codes.tolist() == [0, 2, 0, 0]
     modes.update_state(BatchUpdate(batch_size=2, removed=[1], added=[], moved=[]))
-    assert request_modes.dense_rows(2) is None  # nobody asks for dense: the layers take the plain path
+    assert request_modes.row_modes(2) is None  # every request in the server's mode: the layers take the plain path
     logits = torch.randn(2, 7)
     assert modes.apply(logits) is logits and modes.is_argmax_invariant()
 
@@ -76,9 +98,9 @@ def test_the_v2_runner_refuses_a_mode_and_says_how_to_get_one():
 def test_the_device_buffer_holds_this_steps_modes_and_clears():
     modes = request_modes.RowModes(5, "cpu")
     pointer = modes.tensor.data_ptr()
-    assert modes.fill(torch.tensor([True, False, True])).tolist() == [1, 0, 1, 0, 0]
-    assert modes.fill(torch.tensor([False, True])).tolist() == [0, 1, 0, 0, 0]  # stale rows cleared
+    assert modes.fill(torch.tensor([1, 0, 2], dtype=torch.int32)).tolist() == [1, 0, 2, 0, 0]
+    assert modes.fill(torch.tensor([0, 1], dtype=torch.int32)).tolist() == [0, 1, 0, 0, 0]  # stale rows cleared
     assert modes.fill(None).tolist() == [0] * 5 and not modes.dirty
     assert modes.tensor.data_ptr() == pointer  # one buffer for good: a captured graph reads it
     with pytest.raises(RuntimeError, match="row modes sized for 5"):
-        modes.fill(torch.ones(6, dtype=torch.bool))
+        modes.fill(torch.ones(6, dtype=torch.int32))

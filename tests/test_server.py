@@ -20,7 +20,8 @@ from tests.test_thresholds import valid_file_dict
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with serving(log_path, {"telemetry_interval_s": 1}) as base:
+    # The server's default (the quality file), and the speed file as a request point.
+    with serving(log_path, {"telemetry_interval_s": 1, "request_points": {"speed": "speed"}}) as base:
         yield base, log_path
 
 
@@ -90,29 +91,36 @@ def test_metrics_endpoint_shows_the_log_lines_sparsity(server):
     assert by_group[("vllm_topt:decode_rows_total", "thresholded")] > 0
 
 
-def test_a_request_can_ask_for_dense_and_an_unknown_mode_is_a_400(server):
-    """`"vllm_xargs": {"topt": "dense"}`: decoded with every element kept, counted apart on /metrics and in
-    the log line; a value TOPT does not know is refused before the request is queued, naming the allowed."""
+def test_a_request_can_ask_for_dense_or_a_loaded_point_and_an_unknown_mode_is_a_400(server):
+    """`"vllm_xargs": {"topt": "dense"}`: decoded with every element kept; `{"topt": "speed"}`: with the
+    request point the server loaded; each counted apart on /metrics and in the log line. A value the server
+    does not know is refused before the request is queued, naming the allowed ones."""
     base, log_path = server
     body = {"model": "default", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
     r = requests.post(f"{base}/v1/completions", json=body | {"vllm_xargs": {"topt": "dens"}}, timeout=60)
     assert r.status_code == 400, r.text
-    assert "'dens' is not a TOPT mode; allowed: 'sparse', 'dense'" in r.text, r.text
-    for _ in range(10):  # until a report with the dense rows falls due (interval 1 s)
-        r = requests.post(f"{base}/v1/completions", json=body | {"max_tokens": 64, "ignore_eos": True,
-                                                                  "vllm_xargs": {"topt": "dense"}}, timeout=300)
-        r.raise_for_status()
-        if "requests asking for dense" in log_path.read_text():
-            break
+    assert "'dens' is not a TOPT mode of this server; allowed: 'sparse', 'dense', 'speed'" in r.text, r.text
+    for mode in ("dense", "speed"):
+        for _ in range(10):  # until a report with the mode's rows falls due (interval 1 s)
+            r = requests.post(f"{base}/v1/completions", json=body | {"max_tokens": 64, "ignore_eos": True,
+                                                                      "vllm_xargs": {"topt": mode}}, timeout=300)
+            r.raise_for_status()
+            if f"requests asking for {mode}" in log_path.read_text():
+                break
+        assert "Paris" in r.json()["choices"][0]["text"]
     time.sleep(2)
-    assert "Paris" in r.json()["choices"][0]["text"]
     from prometheus_client.parser import text_string_to_metric_families
 
     page = requests.get(f"{base}/metrics", timeout=30).text
-    dense = {s.name: s.value for f in text_string_to_metric_families(page) for s in f.samples
-             if s.labels.get("request_mode") == "dense"}
-    assert dense["vllm_topt:decode_rows_total"] > 0
-    assert dense["vllm_topt:attention_elements_kept_total"] == dense["vllm_topt:attention_elements_visible_total"]
+    series = {(s.labels.get("request_mode"), s.name): s.value for f in text_string_to_metric_families(page)
+              for s in f.samples if s.labels.get("layer_group") == "thresholded"}
+    kept, visible = "vllm_topt:attention_elements_kept_total", "vllm_topt:attention_elements_visible_total"
+    assert series[("dense", "vllm_topt:decode_rows_total")] > 0
+    assert series[("dense", kept)] == series[("dense", visible)]
+    assert series[("speed", "vllm_topt:decode_rows_total")] > 0
+    assert series[("speed", kept)] < series[("speed", visible)]
+    line = next(l for l in log_path.read_text().splitlines() if "TOPT request point 'speed'" in l)
+    assert "smollm2-135m-instruct.k32.post-softmax.json" in line and "k=32" in line, line
 
 
 def test_start_up_log_names_the_default_file_and_its_recorded_cost(server):

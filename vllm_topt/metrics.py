@@ -29,6 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vllm_topt.method.rules import SPARSE_MODE
 from vllm_topt.log import get_logger
 from vllm_topt.method.rules import COUNTER_FIELDS, DensityCounts
 
@@ -37,7 +38,8 @@ logger = get_logger()
 EXCHANGE_ENV = "VLLM_TOPT_METRICS_DIR"
 PREFIX = "vllm_topt:"
 LAYER_GROUP_LABEL = "layer_group"  # "thresholded": Top-θ layers; "dense": sliding-window and --dense-layers
-REQUEST_MODE_LABEL = "request_mode"  # "sparse": the server's thresholds; "dense": requests that asked for it
+# "sparse": the server's thresholds; "dense" or a request point's name: requests that asked for it
+REQUEST_MODE_LABEL = "request_mode"
 
 # counter field -> (series name without `_total`, help text)
 COUNTER_SERIES = {
@@ -102,15 +104,17 @@ def layer_group(report: dict, layer: str) -> str:
     return "thresholded" if int(layer) in report.get("thresholded_layer_ids", ()) else "dense"
 
 
-REPORT_KEYS = {"sparse": "per_layer", "dense": "dense_requests_per_layer"}  # request mode -> stats dict key
+def report_modes(report: dict) -> dict[str, dict]:
+    """A report's per-layer counts by request mode: the server's ("sparse"), then the modes requests chose."""
+    return {SPARSE_MODE: report.get("per_layer", {})} | report.get("request_modes", {})
 
 
 def sum_reports(reports: list[dict]) -> dict[tuple[str, str], DensityCounts]:
     """Counters per (layer group, request mode), summed over layers and processes."""
     groups: dict[tuple[str, str], DensityCounts] = {}
     for report in reports:
-        for mode, key in REPORT_KEYS.items():
-            for layer, counts in report.get(key, {}).items():
+        for mode, per_layer in report_modes(report).items():
+            for layer, counts in per_layer.items():
                 groups.setdefault((layer_group(report, layer), mode), DensityCounts()).add(DensityCounts(**counts))
     return groups
 

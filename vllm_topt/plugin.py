@@ -166,7 +166,8 @@ def check_topt_config(vllm_config, is_cpu: bool) -> None:
         cache_config.block_size = backend.default_block_size
     backend.check_config(vllm_config)
     thresholds, path, notes = resolve_thresholds_checked(options, model_config.hf_config, model_config.model)
-    notes += check_served_identity(thresholds, path, model_config.model, served_vocabulary_hash(model_config),
+    vocabulary = served_vocabulary_hash(model_config)
+    notes += check_served_identity(thresholds, path, model_config.model, vocabulary,
                                    options.allow_model_mismatch)
     for note in notes:
         logger.warning("TOPT threshold file %s: %s", path, note)
@@ -174,12 +175,28 @@ def check_topt_config(vllm_config, is_cpu: bool) -> None:
         logger.warning(warning)
     mode = "sparsity disabled" if options.disable_sparsity else describe(thresholds)
     logger.info("TOPT thresholds: %s (%s; serving block size %s)", path, mode, cache_config.block_size)
+    check_request_points(options, model_config, vocabulary, cache_config.block_size)
     windowed = sliding_window_layers(text_config(model_config.hf_config))
     if windowed:
         logger.info("TOPT: %d sliding-window layers run on %s's dense kernel", len(windowed),
                     backend.dense_parent)
     if is_cpu:
         _warn_about_cpu_binding()
+
+
+def check_request_points(options, model_config, vocabulary: str | None, block_size: int) -> None:
+    """The request points load and match the served model as the server's file must; each is logged."""
+    from vllm_topt.config.options import check_served_identity, resolve_request_points
+    from vllm_topt.config.thresholds import describe, page_size_warning
+
+    for name, point, path, tolerated in resolve_request_points(options, model_config.hf_config, model_config.model):
+        notes = tolerated + check_served_identity(point, path, model_config.model, vocabulary,
+                                                  options.allow_model_mismatch)
+        for note in notes + [page_size_warning(point, block_size, path)]:
+            if note:
+                logger.warning("TOPT request point %r (%s): %s", name, path, note)
+        logger.info("TOPT request point %r (\"vllm_xargs\": {\"topt\": \"%s\"}): %s (%s)", name, name, path,
+                    describe(point))
 
 
 def served_vocabulary_hash(model_config) -> str | None:

@@ -10,8 +10,8 @@ with `snapshot()` in that process, or from anywhere through the JSON file the
 
 Two sources feed the per-layer counts. The CPU backend records Python counts
 as each layer runs. On a device, every layer's kernels add to its row of one
-counter bank (`counter_bank`, [2, layers, NUM_COUNTERS] int64: the server's
-mode, and requests that asked to decode dense) without a host sync, so a
+counter bank (`counter_bank`, [modes, layers, NUM_COUNTERS] int64: the server's
+mode, requests that asked to decode dense, one per request point) without a host sync, so a
 replayed CUDA graph counts too; a report copies the whole bank to
 the host once, without blocking, and is written when the copy has landed
 (`poll_report`, called by the metadata builder, the code that runs on every
@@ -32,13 +32,14 @@ from typing import Any
 import torch
 
 from vllm_topt import metrics
-from vllm_topt.method.rules import NUM_COUNTERS, DensityCounts
+from vllm_topt.method.rules import NUM_COUNTERS, RESERVED_MODES, DensityCounts
 
 _lock = threading.Lock()
 _per_layer: dict[int, DensityCounts] = {}
-# Rows of requests that asked to decode dense (`vllm_xargs: {"topt": "dense"}`), kept apart from the sparse
-# counts above so that the log line and /metrics describe the server's operating point.
-_dense_requests: dict[int, DensityCounts] = {}
+# Rows of requests that chose another mode (`vllm_xargs: {"topt": "dense"}`, or a request point), by mode
+# code, then layer; kept apart from the counts above so that the log line and /metrics describe the server's
+# operating point.
+_other_modes: dict[int, dict[int, DensityCounts]] = {}
 _state = {"last_tick": time.monotonic(), "capture_seen": False}
 
 
@@ -46,10 +47,10 @@ _state = {"last_tick": time.monotonic(), "capture_seen": False}
 class _Bank:
     """Every layer's device counters and the host buffer a report copies them into.
 
-    Plane 0 counts the rows of requests in the server's mode, plane 1 those of requests that asked to decode
-    dense (`request_modes`); row = layer index."""
+    Plane m counts the rows of requests in mode code m (`request_modes`: 0 the server's file, 1 dense, 2...
+    the request points); row = layer index."""
 
-    counters: torch.Tensor  # [2, layers, NUM_COUNTERS] int64, on the device; kernels add to it
+    counters: torch.Tensor  # [modes, layers, NUM_COUNTERS] int64, on the device; kernels add to it
     host: torch.Tensor  # same shape, pinned on CUDA: the landing place of the one copy per report
     copy_done: Any = None  # a CUDA event while a copy is in flight
 
@@ -66,6 +67,7 @@ class RunMode:
     thresholded_layers: int | None = None  # of num_layers; the rest are dense (e.g. sliding-window layers)
     num_layers: int | None = None
     thresholded_layer_ids: tuple[int, ...] = ()  # which ones (the /metrics layer groups)
+    request_modes: tuple[str, ...] = RESERVED_MODES  # the names of the mode codes (`request_modes_of`)
 
     def label(self) -> str:
         if self.disable_sparsity:
@@ -79,9 +81,11 @@ class RunMode:
 _batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 
 
-def record(layer: int, counts: DensityCounts, dense_request: bool = False) -> None:
+def record(layer: int, counts: DensityCounts, mode: int = 0) -> None:
+    """Add one layer's counts of rows in request mode `mode` (0: the server's file)."""
     with _lock:
-        (_dense_requests if dense_request else _per_layer).setdefault(layer, DensityCounts()).add(counts)
+        target = _per_layer if mode == 0 else _other_modes.setdefault(mode, {})
+        target.setdefault(layer, DensityCounts()).add(counts)
 
 
 def record_batch(num_decodes: int, has_prefill: bool) -> None:
@@ -95,8 +99,9 @@ def batch_counts() -> dict[str, int]:
         return dict(_batches)
 
 
-def counter_bank(num_layers: int, device) -> torch.Tensor:
-    """The process's device counters, [2, num_layers, NUM_COUNTERS] int64, zeroed; made once, before any capture.
+def counter_bank(num_layers: int, device, num_modes: int = 2) -> torch.Tensor:
+    """The process's device counters, [num_modes, num_layers, NUM_COUNTERS] int64, zeroed; made once, before any
+    capture.
 
     Layer i's kernels add to row i of a plane (`layer_counters`); a graph captured on them keeps adding on
     replay."""
@@ -106,19 +111,20 @@ def counter_bank(num_layers: int, device) -> torch.Tensor:
     with _lock:
         if _bank:
             bank = _bank[0]
-            if bank.counters.device != device or bank.counters.shape[1] < num_layers:
-                raise RuntimeError(f"TOPT counter bank holds {bank.counters.shape[1]} layers on "
-                                   f"{bank.counters.device}, not {num_layers} on {device}")
+            modes, layers = bank.counters.shape[:2]
+            if bank.counters.device != device or layers < num_layers or modes < num_modes:
+                raise RuntimeError(f"TOPT counter bank holds {layers} layers and {modes} modes on "
+                                   f"{bank.counters.device}, not {num_layers} and {num_modes} on {device}")
             return bank.counters
-        counters = torch.zeros(2, num_layers, NUM_COUNTERS, dtype=torch.int64, device=device)
-        host = torch.zeros(2, num_layers, NUM_COUNTERS, dtype=torch.int64, pin_memory=counters.is_cuda)
+        counters = torch.zeros(num_modes, num_layers, NUM_COUNTERS, dtype=torch.int64, device=device)
+        host = torch.zeros(num_modes, num_layers, NUM_COUNTERS, dtype=torch.int64, pin_memory=counters.is_cuda)
         _bank.append(_Bank(counters, host))
         return counters
 
 
 def layer_counters(layer: int) -> torch.Tensor:
-    """Layer `layer`'s rows of the counter bank, [2, NUM_COUNTERS] (a view: adding to it adds to the bank):
-    row 0 for the server's mode, row 1 for requests that asked to decode dense."""
+    """Layer `layer`'s rows of the counter bank, [modes, NUM_COUNTERS] (a view: adding to it adds to the bank):
+    row m for the rows in request mode m (0: the server's file)."""
     with _lock:
         if not _bank:
             raise RuntimeError("TOPT counter bank not allocated (counter_bank) before the layer's first step")
@@ -145,7 +151,7 @@ def _discard_warmup() -> None:
     with _lock:
         _state["capture_seen"] = False
         _per_layer.clear()
-        _dense_requests.clear()
+        _other_modes.clear()
         for kind in _batches:
             _batches[kind] = 0
         for bank in _bank:
@@ -168,10 +174,10 @@ def _start_copy(bank: _Bank) -> None:
 def _fold(bank: _Bank) -> None:
     """Add the landed host copy into the per-layer counts."""
     bank.copy_done = None
-    for plane, dense_request in enumerate((False, True)):
-        for layer, values in enumerate(bank.host[plane].tolist()):
+    for mode, plane in enumerate(bank.host.tolist()):
+        for layer, values in enumerate(plane):
             if values[0]:
-                record(layer, DensityCounts.from_counters(values), dense_request)
+                record(layer, DensityCounts.from_counters(values), mode)
 
 
 def flush() -> None:
@@ -192,18 +198,24 @@ flush_device_counters = flush
 def reset() -> None:
     with _lock:
         _per_layer.clear()
-        _dense_requests.clear()
+        _other_modes.clear()
         _bank.clear()
         _state["capture_seen"] = False
         for kind in _batches:
             _batches[kind] = 0
 
 
-def snapshot(dense_requests: bool = False) -> dict[int, DensityCounts]:
-    """Per-layer counts of the sparse rows (default), or of the rows of requests that asked for dense."""
+def snapshot(mode: int = 0) -> dict[int, DensityCounts]:
+    """Per-layer counts of the rows in request mode `mode`: 0 (default) the server's file, 1 dense, 2... points."""
     with _lock:
-        source = _dense_requests if dense_requests else _per_layer
+        source = _per_layer if mode == 0 else _other_modes.get(mode, {})
         return {layer: DensityCounts(**c.as_dict()) for layer, c in sorted(source.items())}
+
+
+def other_modes() -> list[int]:
+    """The request modes other than the server's that have counts."""
+    with _lock:
+        return sorted(_other_modes)
 
 
 def total(per_layer: dict[int, DensityCounts] | None = None) -> DensityCounts:
@@ -249,7 +261,9 @@ def stats_dict(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode 
             "kept_over_k": t.kept_over_k,
         },
         "per_layer": {str(layer): c.as_dict() for layer, c in per_layer.items()},
-        "dense_requests_per_layer": {str(layer): c.as_dict() for layer, c in snapshot(dense_requests=True).items()},
+        # Requests that chose another mode, by mode name (e.g. "dense"): their per-layer counts.
+        "request_modes": {mode_name(mode, code): {str(layer): c.as_dict() for layer, c in snapshot(code).items()}
+                          for code in other_modes()},
         "batches": batch_counts(),
     }
 
@@ -290,12 +304,9 @@ def poll_report(interval_s: float, logger, stats_file: str | None, mode: RunMode
 
 def _write_report(logger, stats_file: str | None, mode: RunMode) -> None:
     per_layer = snapshot()
-    if not per_layer and not _dense_requests:
+    if not per_layer and not other_modes():
         return
-    line = summary_line(per_layer, mode)
-    dense = total(snapshot(dense_requests=True))
-    if dense.rows:
-        line += f"; requests asking for dense: {_human(dense.rows)} rows, all kept"
+    line = summary_line(per_layer, mode) + "".join(_mode_part(mode, code) for code in other_modes())
     logger.info(line)
     stats = stats_dict(per_layer, mode)
     if stats_file:
@@ -304,6 +315,21 @@ def _write_report(logger, stats_file: str | None, mode: RunMode) -> None:
             json.dump(stats, f)
         os.replace(tmp, stats_file)
     metrics.publish(stats)
+
+
+def mode_name(mode: RunMode, code: int) -> str:
+    return mode.request_modes[code] if code < len(mode.request_modes) else f"mode {code}"
+
+
+def _mode_part(mode: RunMode, code: int) -> str:
+    """The log line's words on the rows of requests in mode `code`."""
+    t = total(snapshot(code))
+    if not t.rows:
+        return ""
+    if t.elements_kept == t.elements_visible:
+        return f"; requests asking for {mode_name(mode, code)}: {_human(t.rows)} rows, all kept"
+    return (f"; requests asking for {mode_name(mode, code)}: {_human(t.rows)} rows, kept "
+            f"{100 * t.element_density:.1f}% of elements, read {100 * t.v_row_density:.1f}% of V rows")
 
 
 def read_stats_file(path: str) -> dict:

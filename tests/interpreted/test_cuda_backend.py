@@ -18,8 +18,9 @@ import torch
 from tests.interpret import interpreter_env, load_interpreted
 from vllm_topt import request_modes, telemetry
 from benchmarks import cuda_paged as paged
+from vllm_topt.config.layers import DENSE_PLAN
 from vllm_topt.config.thresholds import LayerPlan
-from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.rules import DENSE_MODE_CODE, RESERVED_MODES, DensityCounts, ToptRule
 from vllm_topt.method.reference import topt_attention_reference
 from vllm_topt.config.thresholds import LayerThresholds
 
@@ -46,7 +47,12 @@ def topt(monkeypatch):
     config = SimpleNamespace(
         for_layer=lambda layer: plan, layers=(plan,) * NUM_LAYERS,
         options=SimpleNamespace(telemetry_interval_s=0.0), stats_file=None, mode=telemetry.RunMode(8),
+        mode_names=RESERVED_MODES, point_plans={},  # point_plans: mode code -> its plan (every layer)
     )
+    # As ToptProcessConfig's, through this stub's (monkeypatched) for_layer.
+    config.for_mode = lambda layer, mode: (config.for_layer(layer) if mode == 0 else DENSE_PLAN
+                                           if mode == DENSE_MODE_CODE else config.point_plans[mode])
+    config.plans_of_layer = lambda layer: [config.for_mode(layer, m) for m in range(len(config.mode_names))]
     vllm_config = stub_vllm_config()
     for module in (core, cuda_backend):
         monkeypatch.setattr(module, "process_config", lambda cfg, heads: config)
@@ -170,9 +176,9 @@ def test_rows_asking_for_dense_keep_every_element_beside_sparse_rows_and_count_a
                                       block_vmc=rule.block_vmc)
     meta = decode_metadata(lengths, block_table, scratch)
     dense = torch.tensor([False, True, False])
-    meta.topt.dense_rows = dense
+    meta.topt.modes = dense.to(torch.int32)
     modes = request_modes.RowModes(4, "cpu")
-    meta.topt.row_modes = modes.fill(dense)
+    meta.topt.row_modes = modes.fill(meta.topt.modes)
     output = torch.full((3, H, D), float("nan"))
     impl.forward(layer, query, query, query, kv_cache, meta, output)
 
@@ -187,9 +193,58 @@ def test_rows_asking_for_dense_keep_every_element_beside_sparse_rows_and_count_a
     assert dense_counts.elements_kept == dense_counts.elements_visible
     telemetry.flush()
     assert telemetry.snapshot()[0] == sparse_counts
-    assert telemetry.snapshot(dense_requests=True)[0] == dense_counts
+    assert telemetry.snapshot(DENSE_MODE_CODE)[0] == dense_counts
     # A step whose requests say nothing: the buffer goes back to all sparse.
     assert int(modes.fill(None).sum()) == 0 and not modes.dirty
+
+
+@pytest.mark.parametrize("placement", ["post-softmax", "pre-softmax"])
+def test_rows_of_a_request_point_use_its_thresholds_and_k_in_the_same_launch(topt, monkeypatch, placement):
+    """A request point (mode 2: its own θ(n) and a larger k) beside rows of the server's file and a dense row:
+    each row as the reference gives it under its own mode's plan, counted in its mode's plane."""
+    if placement == "pre-softmax":
+        rule = ToptRule("pre-softmax", "exp-threshold", True, k=8)
+        server = LayerThresholds([8, 64, 256], [[2.0, 1.5, 1.0]] * H, "pre-softmax")
+        point = LayerThresholds([8, 64, 256], [[1.0, 0.5, 0.2]] * H, "pre-softmax")
+    else:
+        rule = ToptRule("post-softmax", "none", True, k=8, vmc_scope="block")
+        server = topt.for_layer(0).thresholds
+        point = LayerThresholds([8, 64, 256], [[0.02, 0.01, 0.004]] * H, "post-softmax")
+    point_rule = replace(rule, k=36)
+    monkeypatch.setattr(topt, "for_layer", lambda layer: LayerPlan(rule, server))
+    monkeypatch.setattr(topt, "mode_names", RESERVED_MODES + ("wide",))
+    topt.point_plans[2] = LayerPlan(point_rule, point)
+    impl = cuda_backend.ToptCudaImpl(H, D, 0.3, H_KV, None, None, "auto")
+    lengths = [40, 70, 70, 30]  # row 3: n <= the point's k, above the server's (kept whole)
+    codes = torch.tensor([0, 2, 1, 2], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(2)
+    layer, kv_cache, block_table, keys, values = filled_cache(impl, lengths, gen)
+    query = 3 * torch.randn(len(lengths), H, D, generator=gen)
+    scratch = td.ToptScratch.allocate(8, H, H_KV, D, block_table.shape[1], capacity=16, device="cpu",
+                                      block_vmc=rule.block_vmc)
+    meta = decode_metadata(lengths, block_table, scratch)
+    meta.topt.modes = codes
+    meta.topt.row_modes = request_modes.RowModes(8, "cpu").fill(codes)
+    output = torch.full((len(lengths), H, D), float("nan"))
+    impl.forward(layer, query, query, query, kv_cache, meta, output)
+
+    plans = {0: (rule, server), 1: (replace(rule, dense=True), server), 2: (point_rule, point)}
+    expected = {code: DensityCounts() for code in plans}
+    for i, code in enumerate(codes.tolist()):
+        row_rule, thresholds = plans[code]
+        theta = thresholds.lookup(torch.tensor([lengths[i]])).float()[0]
+        ref, counts = topt_attention_reference(query[i], keys[i], values[i], theta, row_rule, 0.3, BS)
+        torch.testing.assert_close(output[i], ref, atol=2e-5, rtol=1e-4, msg=lambda m: f"row {i}: {m}")
+        expected[code].add(counts)
+    assert expected[2].elements_kept < expected[2].elements_visible
+    telemetry.flush()
+    for code in plans:
+        got = telemetry.snapshot(code)[0]
+        # The kernel runs at the least k of the modes: a row between that and its own k is kept whole but counted
+        # as thresholded; the element, V-row and V-block counts are exact.
+        assert (got.rows, got.elements_kept, got.v_rows_read, got.v_blocks_read) == (
+            expected[code].rows, expected[code].elements_kept, expected[code].v_rows_read,
+            expected[code].v_blocks_read), code
 
 
 def builder_stub(max_decodes=8, layer_names=(), context=None):
@@ -280,16 +335,16 @@ def test_sliding_window_layer_counts_its_window_on_the_device(topt, monkeypatch)
 def test_the_builder_copies_the_decode_rows_modes_into_the_device_buffer(topt, monkeypatch, parent_build):
     """Per-request modes reach the kernels as data: one persistent buffer, rewritten by every build."""
     builder = builder_stub()
-    flags = np.zeros(8, dtype=bool)
-    monkeypatch.setitem(request_modes._current, "modes", SimpleNamespace(dense=flags))
-    flags[1] = True
+    codes = np.zeros(8, dtype=np.int32)
+    monkeypatch.setitem(request_modes._current, "modes", SimpleNamespace(codes=codes))
+    codes[1], codes[2] = 1, 2
     meta = builder.build(0, common_metadata([1, 1, 1, 4], [3, 4, 5, 9]))
-    assert meta.topt.dense_rows.tolist() == [False, True, False]
-    assert meta.topt.row_modes.tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert meta.topt.modes.tolist() == [0, 1, 2]
+    assert meta.topt.row_modes.tolist() == [0, 1, 2, 0, 0, 0, 0, 0]
     assert meta.topt.row_modes.data_ptr() == builder.topt_row_modes.tensor.data_ptr()  # what a graph captured
-    flags[1] = False
+    codes[:] = 0
     meta = builder.build(0, common_metadata([1, 1], [3, 4]))
-    assert meta.topt.dense_rows is None and meta.topt.row_modes.tolist() == [0] * 8
+    assert meta.topt.modes is None and meta.topt.row_modes.tolist() == [0] * 8
 
 
 def test_window_rows_of_requests_asking_for_dense_are_counted_apart(topt, monkeypatch):
@@ -298,14 +353,13 @@ def test_window_rows_of_requests_asking_for_dense_are_counted_apart(topt, monkey
     impl, layer, kv_cache = window_layer(topt, monkeypatch)
     lengths = [5, 40, 70]
     meta = window_metadata(lengths)
-    dense = torch.tensor([False, True, False])
-    meta.topt.dense_rows = dense
-    meta.topt.row_modes = request_modes.RowModes(4, "cpu").fill(dense)
+    meta.topt.modes = torch.tensor([0, 1, 0], dtype=torch.int32)
+    meta.topt.row_modes = request_modes.RowModes(4, "cpu").fill(meta.topt.modes)
     impl._count_window_rows(impl._state, meta.topt, BS)
     rows = window_counters(torch.tensor(lengths), 24, H, H_KV, BS)
     telemetry.flush()
     assert telemetry.snapshot()[0] == DensityCounts.from_counters(rows[[0, 2]].sum(0).tolist())
-    assert telemetry.snapshot(dense_requests=True)[0] == DensityCounts.from_counters(rows[1].tolist())
+    assert telemetry.snapshot(DENSE_MODE_CODE)[0] == DensityCounts.from_counters(rows[1].tolist())
 
 
 def test_sliding_window_layer_with_thresholds_is_refused(topt, monkeypatch):

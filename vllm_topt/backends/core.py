@@ -51,7 +51,7 @@ from vllm_topt.config.thresholds import LayerPlan
 from vllm_topt.log import get_logger
 from vllm_topt.method.rules import DensityCounts, window_counters
 from vllm_topt.plugin import BACKEND_NAME
-from vllm_topt.request_modes import dense_rows
+from vllm_topt.request_modes import row_modes
 
 logger = get_logger()
 
@@ -191,11 +191,18 @@ class ToptBatch:
     prefill: Any | None
     first_layer: int  # where this step's batch kind is counted (the model's first TOPT layer)
     last_layer: int  # where this step's telemetry is reported, after every layer has counted
-    # Bool [num_decodes] on the host: the decode rows whose requests asked to decode dense
-    # (`request_modes`); None when none did.
-    dense_rows: torch.Tensor | None = None
-    # The same as device data, int32 [>= num_decodes] (1 = dense), on platforms whose kernels read it (CUDA).
+    # Int32 [num_decodes] on the host: the decode rows' request mode codes (`request_modes`: 0 the server's
+    # file, 1 dense, 2... a request point); None when every row is 0.
+    modes: torch.Tensor | None = None
+    # The same as device data, int32 [>= num_decodes], on platforms whose kernels read it (CUDA).
     row_modes: torch.Tensor | None = None
+
+
+def rows_by_mode(batch: ToptBatch) -> list[tuple[int, torch.Tensor | None]]:
+    """(mode code, its decode rows' indices) for each mode in the batch; rows None: every decode row."""
+    if batch.modes is None:
+        return [(0, None)]
+    return [(mode, (batch.modes == mode).nonzero().flatten()) for mode in batch.modes.unique().tolist()]
 
 
 def split_decode_rows(cam: CommonAttentionMetadata) -> tuple[int, int, CommonAttentionMetadata | None]:
@@ -267,7 +274,7 @@ class ToptBuilderMixin:
         if self.topt_counts_steps:
             self._topt_step(num_decodes, rest is not None)
         return ToptBatch(num_decodes, num_decode_tokens, cam.seq_lens[:num_decodes],
-                         cam.block_table_tensor[:num_decodes], prefill, first, last, dense_rows(num_decodes))
+                         cam.block_table_tensor[:num_decodes], prefill, first, last, row_modes(num_decodes))
 
     def _topt_step(self, num_decodes: int, has_prefill: bool) -> None:
         """Telemetry at the start of a step: its batch kind, warm-up counts dropped, a due report."""
@@ -338,7 +345,7 @@ class ToptImplMixin:
             raise RuntimeError(f"TOPT: layer {index} has a sliding window but thresholds in {self.topt.path}; "
                                "recalibrate with `vllm-topt-calibrate` (it records sliding-window layers as dense)")
         v_sums = None
-        if not plan.rule.dense and plan.rule.vmc:
+        if any(not p.rule.dense and p.rule.vmc for p in self.topt.plans_of_layer(index)):  # any mode's VMC
             v_sums = torch.zeros(kv_cache.shape[0], self.num_kv_heads, self.head_size, dtype=torch.float32,
                                  device=kv_cache.device)
         self._state = self._new_state(LayerState(index, plan, v_sums, kv_cache.data_ptr()), kv_cache)
@@ -386,14 +393,10 @@ class ToptImplMixin:
         self._add_counters(state, counters, batch)
 
     def _add_counters(self, state: LayerState, counters: torch.Tensor, batch: ToptBatch) -> None:
-        """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry; the rows of requests
-        that asked for dense (`batch.dense_rows`) apart."""
-        dense_rows = batch.dense_rows
-        if dense_rows is None:
-            telemetry.record(state.index, DensityCounts.from_counters(counters.sum(dim=0).tolist()))
-            return
-        for rows, dense in ((~dense_rows, False), (dense_rows, True)):
-            telemetry.record(state.index, DensityCounts.from_counters(counters[rows].sum(dim=0).tolist()), dense)
+        """Add per-row SPEC §7 counters ([rows, NUM_COUNTERS]) to the layer's telemetry, by request mode."""
+        for mode, rows in rows_by_mode(batch):
+            picked = counters if rows is None else counters[rows]
+            telemetry.record(state.index, DensityCounts.from_counters(picked.sum(dim=0).tolist()), mode)
 
     def _capturing(self) -> bool:
         """Whether this forward is being captured into a CUDA graph (it then runs only as a replay)."""

@@ -29,6 +29,7 @@ from vllm_topt.backends.core import (
     ToptBuilderMixin,
     ToptImplMixin,
     extend_metadata,
+    rows_by_mode,
 )
 from vllm_topt.config.options import options_from_vllm_config
 from vllm_topt.config.thresholds import LayerPlan
@@ -41,7 +42,7 @@ from vllm_topt.kernels.cpu.torch_decode import (
     topt_decode_paged,
     update_v_block_sums,
 )
-from vllm_topt.method.rules import DensityCounts, ToptRule
+from vllm_topt.method.rules import DensityCounts
 
 CPU_DENSE_BACKEND = "--attention-backend CPU_ATTN (dense)"
 
@@ -135,21 +136,18 @@ class ToptCpuImpl(ToptImplMixin, CPUAttentionBackendImpl):
         batch = meta.topt
         caches = (key_cache, value_cache)
         rows = (batch.decode_block_table, batch.decode_seq_lens)
-        if batch.dense_rows is None or state.plan.rule.dense:
+        if batch.modes is None:
             counts = self._decode_rows(query, caches, rows, meta.max_seq_len, state.plan, output, state)
             telemetry.record(state.index, counts)
             return
-        # Requests that asked to decode dense (`request_modes`): their rows through the dense rule, apart.
-        for dense in (False, True):
-            picked = (batch.dense_rows == dense).nonzero().flatten()
-            if not picked.numel():
-                continue
-            plan = LayerPlan(ToptRule(dense=True), None) if dense else state.plan
+        # Requests that chose a mode (`request_modes`): each mode's rows through its own plan, apart.
+        for mode, picked in rows_by_mode(batch):
             out = torch.empty_like(output[picked])
             counts = self._decode_rows(query[picked], caches, tuple(t[picked] for t in rows),
-                                       int(batch.decode_seq_lens[picked].max()), plan, out, state)
+                                       int(batch.decode_seq_lens[picked].max()), self.topt.for_mode(state.index, mode),
+                                       out, state)
             output[picked] = out
-            telemetry.record(state.index, counts, dense_request=dense)
+            telemetry.record(state.index, counts, mode)
 
     def _decode_rows(self, query, caches, rows, max_seq_len: int, plan: LayerPlan, output,
                      state: CpuLayerState) -> DensityCounts:

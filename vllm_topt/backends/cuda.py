@@ -41,7 +41,7 @@ of a bf16 layer's cache) come out of the KV budget vLLM profiled, logged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -57,6 +57,9 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm_topt import telemetry
 from vllm_topt.backends.cuda_memory import DecodeBuffers, kernel_block_size, shared_decode_buffers, shared_row_modes
 from vllm_topt.config.layers import ToptProcessConfig, process_config
+from vllm_topt.config.options import options_from_vllm_config, resolve_request_points, resolve_thresholds
+from vllm_topt.config.thresholds import ThresholdFileError, rule_difference
+from vllm_topt.method.rules import DENSE_MODE_CODE, ToptRule
 from vllm_topt.backends.core import (
     LayerState,
     ToptBackendMixin,
@@ -72,6 +75,7 @@ from vllm_topt.kernels.triton.decode import (
     DeviceThresholds,
     ToptScratch,
     fp32_refusal,
+    theta_by_mode,
     topt_decode,
     update_v_block_sums,
 )
@@ -118,6 +122,11 @@ class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
         return (capability.major, capability.minor) >= (8, 0)
 
     @classmethod
+    def check_config(cls, vllm_config) -> None:
+        super().check_config(vllm_config)
+        check_request_points(vllm_config)
+
+    @classmethod
     def config_refusals(cls, vllm_config) -> list[str]:
         refused = super().config_refusals(vllm_config)
         block_size = vllm_config.cache_config.block_size
@@ -129,6 +138,21 @@ class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
             if reason := fp32_refusal(model_config.get_head_size(), kernel_block):
                 refused.append(reason)
         return refused
+
+
+def check_request_points(vllm_config) -> None:
+    """One launch serves every request mode's rows, so a request point may differ from the server's file in θ
+    and k only (placement and compensation are the kernel's constexprs)."""
+    options = options_from_vllm_config(vllm_config)
+    model_config = vllm_config.model_config
+    server, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
+    for name, point, point_path, _ in resolve_request_points(options, model_config.hf_config, model_config.model):
+        if difference := rule_difference(server, point):
+            raise ThresholdFileError(
+                f"TOPT on CUDA decodes request point {name!r} ({point_path}) in the same kernel launch as the "
+                f"server's file {path}, so the two may differ in thresholds and k only, but {difference}. Choose "
+                "a point calibrated with the same placement and compensation, or serve on CPU, where any threshold "
+                "file can be a request point.")
 
 
 @dataclass
@@ -165,7 +189,7 @@ class ToptCudaMetadataBuilder(ToptBuilderMixin, TritonAttentionMetadataBuilder):
         full = super().build(common_prefix_len, common_attn_metadata, fast_build)
         batch = self.topt_batch(common_prefix_len, common_attn_metadata, full, fast_build)
         # The step's per-request modes as device data: a replayed graph reads them from the same buffer.
-        batch.row_modes = self.topt_row_modes.fill(batch.dense_rows)
+        batch.row_modes = self.topt_row_modes.fill(batch.modes)
         buffers = self.topt_buffers
         if buffers is None:
             return extend_metadata(ToptCudaMetadata, full, topt=batch)
@@ -226,7 +250,11 @@ def _cache_tensor(layer) -> torch.Tensor | None:
 @dataclass
 class CudaLayerState(LayerState):
     thresholds: DeviceThresholds | None = None
-    counters: torch.Tensor | None = None  # [2, NUM_COUNTERS] int64: the layer's rows of the telemetry bank
+    counters: torch.Tensor | None = None  # [modes, NUM_COUNTERS] int64: the layer's rows of the telemetry bank
+    # The request points' θ(n) on this layer: (mode code, θ, k); and the rule the kernel runs, at the least k
+    # of every mode (a row at or below its own mode's k gets a θ nothing falls below: `theta_by_mode`).
+    point_thresholds: tuple[tuple[int, DeviceThresholds, int], ...] = ()
+    kernel_rule: ToptRule | None = None
 
 
 def _capturing() -> bool:
@@ -257,7 +285,7 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
         # Allocated now, while vLLM builds the model: its memory profiling then counts them, and a graph
         # captured later finds them in place.
         device = model_device()
-        telemetry.counter_bank(len(self.topt.layers), device)
+        telemetry.counter_bank(len(self.topt.layers), device, len(self.topt.mode_names))
         shared_row_modes(vllm_config, device)
         if self.topt_window is None:
             decode_buffers(vllm_config, num_heads, num_kv_heads, head_size, device)
@@ -273,7 +301,12 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
             raise RuntimeError("TOPT layer state must be allocated before CUDA graph capture")
         sparse = not state.plan.rule.dense
         thresholds = DeviceThresholds(state.plan.thresholds, kv_cache.device) if sparse else None
-        return CudaLayerState(**vars(state), thresholds=thresholds, counters=telemetry.layer_counters(state.index))
+        points = tuple((mode, DeviceThresholds(plan.thresholds, kv_cache.device), plan.rule.k)
+                       for mode, plan in enumerate(self.topt.plans_of_layer(state.index))
+                       if mode > DENSE_MODE_CODE and sparse)
+        kernel_k = min([state.plan.rule.k] + [k for _, _, k in points])
+        return CudaLayerState(**vars(state), thresholds=thresholds, counters=telemetry.layer_counters(state.index),
+                              point_thresholds=points, kernel_rule=replace(state.plan.rule, k=kernel_k))
 
     def _capturing(self) -> bool:
         return _capturing()
@@ -286,17 +319,20 @@ class ToptCudaImpl(ToptImplMixin, TritonAttentionImpl):
         theta = None
         if state.thresholds is not None:
             theta = state.thresholds.lookup(batch.decode_seq_lens, out=meta.topt_theta[:num_decodes])
+            if state.point_thresholds:  # device ops only, whatever the step's modes: a graph replays them
+                theta = theta_by_mode(theta, batch.decode_seq_lens, batch.row_modes, state.plan.rule,
+                                      state.point_thresholds)
         topt_decode(
-            query, key_cache, value_cache, batch.decode_block_table, batch.decode_seq_lens, theta, state.plan.rule,
+            query, key_cache, value_cache, batch.decode_block_table, batch.decode_seq_lens, theta, state.kernel_rule,
             self.scale, v_block_sums=state.v_block_sums, logits_soft_cap=self.logits_soft_cap or None,
             out=output, counters=state.counters[:1].expand(num_decodes, -1), row_modes=batch.row_modes,
-            dense_counter_offset=state.counters.stride(0), scratch=meta.topt_scratch,
+            mode_counter_stride=state.counters.stride(0), scratch=meta.topt_scratch,
             num_segments=meta.topt_num_segments, max_pages=meta.topt_scratch.block_max.shape[2],
         )
 
     def _add_counters(self, state: CudaLayerState, counters: torch.Tensor, batch: ToptBatch) -> None:
         # Added on the device without a sync (and so replayed by a captured graph), read at report time:
-        # each row to its mode's row of the layer's counters (0: the server's mode, 1: asked for dense).
+        # each row to its mode's row of the layer's counters (0: the server's file, 1: dense, 2...: a point).
         if batch.row_modes is None:
             state.counters[:1] += counters.sum(dim=0, keepdim=True)
         else:

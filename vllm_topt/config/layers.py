@@ -12,8 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_topt import telemetry
-from vllm_topt.config.options import ToptOptions, load_cached, options_from_vllm_config, resolve_thresholds
+from vllm_topt.config.options import (
+    DENSE_MODE_CODE,
+    ToptOptions,
+    load_cached,
+    options_from_vllm_config,
+    request_modes_of,
+    resolve_request_points,
+    resolve_thresholds,
+)
 from vllm_topt.config.thresholds import LayerPlan, ThresholdFile
+from vllm_topt.method.rules import ToptRule
+
+DENSE_PLAN = LayerPlan(ToptRule(dense=True), None)  # what a request asking for dense gets on every layer
 
 
 def local_head_slice(num_heads_total: int, tp_rank: int, tp_size: int) -> slice:
@@ -34,15 +45,31 @@ class ToptProcessConfig:
     heads: slice
     stats_file: str | None
     layers: tuple[LayerPlan, ...]
+    # Each request point's layer plans (`request_points`), for request modes 2, 3, ...
+    point_layers: tuple[tuple[LayerPlan, ...], ...] = ()
 
     def for_layer(self, layer: int) -> LayerPlan:
         return self.layers[layer]
+
+    def for_mode(self, layer: int, mode: int) -> LayerPlan:
+        """Layer `layer`'s plan for a row in request mode `mode` (0: the server's file, 1: dense, 2...: a point)."""
+        if mode == 0:
+            return self.layers[layer]
+        return DENSE_PLAN if mode == DENSE_MODE_CODE else self.point_layers[mode - DENSE_MODE_CODE - 1][layer]
+
+    def plans_of_layer(self, layer: int) -> list[LayerPlan]:
+        """Layer `layer`'s plan in every request mode, by code."""
+        return [self.for_mode(layer, mode) for mode in range(len(self.mode_names))]
+
+    @property
+    def mode_names(self) -> tuple[str, ...]:
+        return request_modes_of(self.options)
 
     @property
     def mode(self) -> telemetry.RunMode:
         thresholded = tuple(self.file.thresholded_layers())
         return telemetry.RunMode(self.file.target_k, self.options.disable_sparsity,
-                                 len(thresholded), self.file.model.num_layers, thresholded)
+                                 len(thresholded), self.file.model.num_layers, thresholded, self.mode_names)
 
 
 def process_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:
@@ -52,13 +79,15 @@ def process_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:
     options = options_from_vllm_config(vllm_config)
     model_config = vllm_config.model_config
     _, path = resolve_thresholds(options, model_config.hf_config, model_config.model)
+    points = tuple(path for _, _, path, _ in resolve_request_points(options, model_config.hf_config,
+                                                                     model_config.model))
     return _process_config(options, path, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
-                           num_local_heads)
+                           num_local_heads, points)
 
 
 @functools.lru_cache(maxsize=8)
 def _process_config(options: ToptOptions, path: Path, tp_rank: int, tp_size: int,
-                    num_local_heads: int) -> ToptProcessConfig:
+                    num_local_heads: int, point_paths: tuple[Path, ...] = ()) -> ToptProcessConfig:
     # Keyed by value: every layer of a process asks with the same settings and shares one plan.
     file = load_cached(str(path.resolve()))
     heads = local_head_slice(file.model.num_heads, tp_rank, tp_size)
@@ -71,5 +100,7 @@ def _process_config(options: ToptOptions, path: Path, tp_rank: int, tp_size: int
     if stats_file and tp_size > 1:
         stats_file = f"{stats_file}.rank{tp_rank}"
     plan = tuple(file.layer_plan(heads, options.disable_sparsity))
-    return ToptProcessConfig(options, file, path, heads, stats_file, plan)
+    point_plans = tuple(tuple(load_cached(str(p.resolve())).layer_plan(heads, options.disable_sparsity))
+                        for p in point_paths)
+    return ToptProcessConfig(options, file, path, heads, stats_file, plan, point_plans)
 

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_topt.config.identity import identity_mismatches
+from vllm_topt.method.rules import DENSE_MODE_CODE, RESERVED_MODES, SPARSE_MODE  # noqa: F401 - re-exported
 from vllm_topt.config.thresholds import (
     QUALITY_SUFFIX,
     ThresholdFile,
@@ -21,6 +24,10 @@ from vllm_topt.config.thresholds import (
 )
 
 
+SHIPPED_POINTS = ("speed", "quality")
+POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class ToptOptions(BaseModel):
     """Every key of the `topt` block (README, "Configuration")."""
 
@@ -28,7 +35,7 @@ class ToptOptions(BaseModel):
 
     thresholds: str | None = None
     """Path of a threshold file; default: the shipped file matching the model."""
-    operating_point: Literal["speed", "quality"] | None = None
+    operating_point: Literal[SHIPPED_POINTS] | None = None
     """Which shipped file, when `thresholds` is not given: "quality" (per-layer budget at mean
     k=48, the default wherever one ships) or "speed" (k=32: fewer elements, more loss)."""
     allow_model_mismatch: bool = False
@@ -42,6 +49,24 @@ class ToptOptions(BaseModel):
     """If set, each telemetry tick also writes the per-layer counters as JSON here."""
     cpu_kernel: Literal["cpp", "torch"] = "cpp"
     """CPU decode implementation: the C++ kernel (built at set-up) or vectorised torch."""
+    request_points: tuple[tuple[str, str], ...] = ()
+    """Operating points a request may choose with `"vllm_xargs": {"topt": NAME}`, given as an object
+    name -> "speed" or "quality" (that shipped file of the served model) or the path of a threshold file.
+    Kept as (name, source) pairs, in the given order: the options are a cache key."""
+
+    @field_validator("request_points", mode="before")
+    @classmethod
+    def _point_names_and_sources(cls, points) -> tuple[tuple[str, str], ...]:
+        if isinstance(points, dict):
+            points = tuple(points.items())
+        for name, source in points:
+            if name in RESERVED_MODES or not POINT_NAME.fullmatch(name):
+                raise ValueError(f"request point name {name!r}: use letters, digits, '-' or '_', not "
+                                 + " or ".join(repr(m) for m in RESERVED_MODES) + " (those are built in)")
+            if source not in SHIPPED_POINTS and not source.endswith(".json"):
+                raise ValueError(f"request point {name!r}: {source!r} is neither a shipped operating point ("
+                                 + ", ".join(repr(p) for p in SHIPPED_POINTS) + ") nor a threshold file (*.json)")
+        return tuple(points)
 
     @model_validator(mode="after")
     def _one_way_to_pick_the_file(self) -> "ToptOptions":
@@ -86,6 +111,26 @@ def resolve_thresholds_checked(options: ToptOptions, hf_config, model_name: str)
     thresholds = load_cached(str(path.resolve()))
     tolerated = check_matches_model(thresholds, hf_config, path, options.allow_model_mismatch)
     return thresholds, path, tolerated
+
+
+def request_modes_of(options: ToptOptions) -> tuple[str, ...]:
+    """The modes a request may name, by kernel code: 0 the server's file, 1 dense, then the request points."""
+    return RESERVED_MODES + tuple(name for name, _ in options.request_points)
+
+
+def resolve_request_points(options: ToptOptions, hf_config, model_name: str) -> list[tuple[str, ThresholdFile, Path, list[str]]]:
+    """Each request point's (name, file, path, tolerated differences), checked against the served model."""
+    points = []
+    for name, source in options.request_points:
+        try:
+            path = (shipped_path(ToptOptions(operating_point=source), hf_config, model_name)
+                    if source in SHIPPED_POINTS else Path(source).expanduser())
+            thresholds = load_cached(str(path.resolve()))
+            tolerated = check_matches_model(thresholds, hf_config, path, options.allow_model_mismatch)
+        except ThresholdFileError as exc:
+            raise ThresholdFileError(f"TOPT request point {name!r} ({source}): {exc}") from exc
+        points.append((name, thresholds, path, tolerated))
+    return points
 
 
 def calibrate_command(model_name: str) -> str:

@@ -8,6 +8,7 @@ points is piecewise linear in ln(n); beyond the grid it follows the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -161,6 +162,15 @@ class ThresholdFile(BaseModel):
         if values is None:
             return None
         return LayerThresholds(self.grid_for_layer(layer), values[heads], self.placement)
+
+
+def rule_difference(first: ThresholdFile, second: ThresholdFile) -> str | None:
+    """How two files' layer rules differ other than in k (placement, compensation, dense layers); None: not."""
+    for layer, (a, b) in enumerate(zip(first.layer_rules(), second.layer_rules())):
+        differing = [f.name for f in dataclasses.fields(a) if f.name != "k" and getattr(a, f.name) != getattr(b, f.name)]
+        if differing:
+            return f"layer {layer} has " + ", ".join(f"{name} {getattr(a, name)} vs {getattr(b, name)}" for name in differing)
+    return None
 
 
 def load_threshold_file(path: str | Path) -> ThresholdFile:

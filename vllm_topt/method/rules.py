@@ -51,6 +51,15 @@ class VmcScope(_Coded):
     BLOCK = "block"
 
 
+# Request modes (`request_modes`): a request in the server's own operating point (what saying nothing gets),
+# or one that keeps every element; a server's request points follow. A mode's code is its position: the
+# kernels read the codes per row.
+SPARSE_MODE = "sparse"
+DENSE_MODE = "dense"
+RESERVED_MODES = (SPARSE_MODE, DENSE_MODE)
+DENSE_MODE_CODE = RESERVED_MODES.index(DENSE_MODE)
+
+
 @dataclass(frozen=True)
 class ToptRule:
     """What one layer does with a decode row (from the threshold file)."""

@@ -38,7 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_topt.method.rules import COUNTER_FIELDS, NUM_COUNTERS, DensityCounts, Placement, Sdc, ToptRule
+from vllm_topt.method.rules import (
+    COUNTER_FIELDS,
+    DENSE_MODE_CODE,
+    NUM_COUNTERS,
+    DensityCounts,
+    Placement,
+    Sdc,
+    ToptRule,
+)
 
 # Codes and counter slots the kernels compare against, from the one definition in `method.rules`.
 _SDC_EXACT = tl.constexpr(Sdc.EXACT.code)
@@ -191,7 +199,7 @@ def _topt_sparse_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BS: tl.constexpr, PAGES: tl.constexpr, NSEG: tl.constexpr,
     SOFTCAP: tl.constexpr, POST: tl.constexpr, VMC: tl.constexpr, BLOCK_VMC: tl.constexpr,
-    ROW_GATHER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROW_GATHER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr, DENSE_MODE: tl.constexpr,
 ):
     """Phase 2: per (sequence, KV head, segment): read only surviving pages; partial Σ w v, Σ w, counts.
 
@@ -224,8 +232,8 @@ def _topt_sparse_kernel(
     S = tl.sum(tl.load(PL + seg_part, mask=head_ok[:, None], other=0.0) * tl.exp(seg_m - m[:, None]), axis=1)
     S = tl.where(S > 0.0, S, 1.0)
     # Rows with n <= k keep everything (SPEC §2), and so do the rows of requests that asked to decode dense
-    # (MODE 1): a threshold nothing falls below.
-    sparse_row = (n > k_target) & (tl.load(MODE + b) == 0)
+    # (MODE == DENSE_MODE): a threshold nothing falls below. Other modes bring their own θ (THETA's row).
+    sparse_row = (n > k_target) & (tl.load(MODE + b) != DENSE_MODE)
     lowest = -1.0 if POST else float("-inf")
     theta = tl.load(THETA + b * stride_thb + h, mask=head_ok, other=0.0)
     theta = tl.where(sparse_row, theta, lowest)
@@ -354,7 +362,7 @@ def _topt_combine_kernel(
     k_target,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
     NSEG: tl.constexpr, DENSE: tl.constexpr, POST: tl.constexpr, SDC: tl.constexpr, VMC: tl.constexpr,
-    BLOCK_VMC: tl.constexpr, COUNT: tl.constexpr,
+    BLOCK_VMC: tl.constexpr, COUNT: tl.constexpr, DENSE_MODE: tl.constexpr,
 ):
     """Phase 3: per (sequence, KV head): combine segments, compensate, write output and counters."""
     b = tl.program_id(0)
@@ -374,8 +382,8 @@ def _topt_combine_kernel(
     m = tl.where(m > float("-inf"), m, 0.0)  # empty rows (n = 0)
     S = tl.sum(tl.load(PL + seg_part, mask=head_ok[:, None], other=0.0) * tl.exp(seg_m - m[:, None]), axis=1)
     S = tl.where(S > 0.0, S, 1.0)
-    mode = tl.load(MODE + b).to(tl.int32)  # 1: the row's request asked to decode dense
-    sparse_row = (n > k_target) & (mode == 0)
+    mode = tl.load(MODE + b)  # the row's request mode (DENSE_MODE: it asked to decode dense)
+    sparse_row = (n > k_target) & (mode != DENSE_MODE)
 
     # PM, PL above and the partials below come from the earlier launches on the same stream (the
     # scores kernel, and the sparse kernel on sparse layers): complete here, nothing to synchronise.
@@ -461,7 +469,7 @@ def _topt_combine_kernel(
         # order; nothing in this launch reads the counters (the host or a later launch does, after
         # it, in stream order), so no ordering between programs is needed.
         num_fields = tl.where(n > 0, _NUM_COUNTERS, 0)
-        # A dense-mode row counts stride_cnt_mode further on (the bank's dense-request plane).
+        # A row in request mode m counts m * stride_cnt_mode further on (the bank's plane of that mode).
         tl.atomic_add(CNT + b * stride_cnt + mode * stride_cnt_mode + f, val, mask=f < num_fields)
 
 
@@ -680,13 +688,14 @@ def decode_launch(
     sparse = None
     if not dense:
         sparse = dict(PAGES=pages, SOFTCAP=soft_cap, POST=post, VMC=vmc, BLOCK_VMC=block_vmc,
-                      ROW_GATHER=row_gather, DOT_FP32=dot_fp32, DOT_PREC=dot_prec, **common, **kernel_opts)
+                      ROW_GATHER=row_gather, DOT_FP32=dot_fp32, DOT_PREC=dot_prec, DENSE_MODE=DENSE_MODE_CODE,
+                      **common, **kernel_opts)
         if (head_size > 128 or block_vmc) and not INTERPRETED:
             # At d=256, or with block-wise VMC, ptxas (sm_80/sm_90) caps this kernel at 128 registers and
             # spills a few bytes; a higher ceiling keeps it spill-free (tests/test_triton_compile.py).
             sparse["maxnreg"] = SPARSE_MAXNREG
     combine = dict(DENSE=dense, POST=post, SDC=rule.sdc.code, VMC=vmc, BLOCK_VMC=block_vmc, COUNT=count,
-                   **common, num_warps=4)
+                   DENSE_MODE=DENSE_MODE_CODE, **common, num_warps=4)
     return DecodeLaunch(tile_tokens, nseg, scores, sparse, combine)
 
 
@@ -704,7 +713,7 @@ def topt_decode(
     out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     row_modes: torch.Tensor | None = None,
-    dense_counter_offset: int = 0,
+    mode_counter_stride: int = 0,
     scratch: ToptScratch | None = None,
     num_segments: int | None = None,
     max_seq_len: int | None = None,
@@ -726,9 +735,10 @@ def topt_decode(
     block_vmc=True, or none). counters: [B, 10] int64 (COUNTER_FIELDS order) the
     kernel adds each row's SPEC §7 counts to (a row stride of 0 sums the
     batch into one row); nothing here synchronises with the host.
-    row_modes: [>= B] int32, 1 for a row whose request asked to decode dense:
-    every element kept and no compensation (as n <= k), its counts added
-    `dense_counter_offset` elements further on in `counters`; None: all 0.
+    row_modes: [>= B] int32, each row's request mode code (None: all 0). A row
+    in DENSE_MODE_CODE keeps every element, with no compensation (as n <= k);
+    the other modes are thresholded with the row's θ. A row in mode m adds its
+    counts m * `mode_counter_stride` elements further on in `counters`.
     scratch: reusable work buffers (allocated per call if None); max_pages:
     the most pages any row spans (default: the block table's width).
     num_segments: key-range splits per row (a power of two; default by batch
@@ -808,7 +818,7 @@ def topt_decode(
         out, seq_lens, theta_t, sc.seg_max, sc.seg_sum, sc.seg_acc, sc.seg_kept_mass, sc.seg_kept, sc.seg_vsum,
         vmean, dropped, sc.seg_rows, sc.seg_pages, cnt, modes,
         out.stride(0), out.stride(1), stride_pb, stride_ph, stride_kvpb, stride_kvph,
-        theta_t.stride(0), counters.stride(0) if counters is not None else 0, dense_counter_offset,
+        theta_t.stride(0), counters.stride(0) if counters is not None else 0, mode_counter_stride,
         rule.k,
         **launch.combine,
     )
@@ -881,6 +891,28 @@ class DeviceThresholds:
                 **threshold_lookup_launch(self.num_heads, self.num_points, self.post),
             )
         return out
+
+
+def keep_every_element(post: bool) -> float:
+    """A θ nothing falls below (the kernels' `lowest`): probabilities are >= 0, scores > -inf."""
+    return -1.0 if post else float("-inf")
+
+
+def theta_by_mode(theta: torch.Tensor, seq_lens: torch.Tensor, row_modes: torch.Tensor, rule: ToptRule,
+                  points) -> torch.Tensor:
+    """θ [B, H] for rows in their request modes, for a kernel run at the least k of every mode.
+
+    theta: the server's file's θ for every row (mode 0, at rule.k); points: (mode code, DeviceThresholds, k)
+    of the request points on this layer. A row takes its mode's θ, or one nothing falls below when its row
+    length is at or below its mode's k (SPEC §2). Device ops only, no host sync."""
+    lowest = keep_every_element(rule.placement is Placement.POST_SOFTMAX)
+    B = theta.shape[0]
+    modes = row_modes[:B, None]
+    out = theta.masked_fill((seq_lens <= rule.k)[:, None], lowest)
+    for code, thresholds, k in points:
+        mine = thresholds.lookup(seq_lens).masked_fill_((seq_lens <= k)[:, None], lowest)
+        out = torch.where(modes == code, mine, out)
+    return out
 
 
 # --- per-block V sums, kept at KV-write time ---------------------------------------------------------
