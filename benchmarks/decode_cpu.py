@@ -22,6 +22,14 @@ with the fraction of it reached.
 in the same run, for the cost of compensating per V block instead of per
 sequence, and its deviation from dense attention.
 
+`--dense-requests N` also times each batch with its last N requests asking to
+decode dense (`"vllm_xargs": {"topt": "dense"}`), as the backend runs them:
+each mode's rows in a kernel call of their own. "sparse row cost" is what a
+request in the server's mode pays per row there, over its cost in the
+all-sparse step (1.00: nothing extra); "modes µs/step" is the per-step
+bookkeeping of per-request modes when no request names one (the processor's
+state update and the builder's check), beside the step times above.
+
 `--load 0 1` times every case on an idle machine and again with one competing
 single-threaded busy process (started and stopped by the script), as a server's
 other processes and tenants compete for the cores. The kernel sizes its thread
@@ -171,6 +179,45 @@ def topt_step(batch: Batch, scale: float, rules, tables, outputs: list[torch.Ten
     return total
 
 
+def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The sub-batch of `rows` (what `ToptCpuImpl._decode` hands the kernel for one request mode's rows)."""
+    layers = [replace(layer, query=layer.query[rows]) for layer in batch.layers]
+    return replace(batch, layers=layers, block_table=batch.block_table[rows], seq_lens=batch.seq_lens[rows],
+                   max_seq_len=int(batch.seq_lens[rows].max()))
+
+
+def mixed_step(parts: list[tuple[Batch, list, list, torch.Tensor]], scale: float, outputs: list[torch.Tensor]) -> None:
+    """TOPT's decode when some requests asked for dense, as `ToptCpuImpl._decode` runs it: every layer, each
+    mode's rows (a sub-batch with their rules) in a kernel call of their own, the output scattered back."""
+    for i, out in enumerate(outputs):
+        for sub, rules, tables, rows in parts:
+            layer, table = sub.layers[i], tables[i]
+            part = torch.empty_like(out[rows])
+            topt_decode_paged_cpp(
+                layer.query, layer.key_cache, layer.value_cache, sub.block_table, sub.seq_lens, None, rules[i],
+                scale, v_block_sums=layer.v_block_sums, out=part,
+                theta_by_length=None if table is None else table.table_upto(sub.max_seq_len),
+            )
+            out[rows] = part
+
+
+def mode_bookkeeping_us(batch_size: int, steps: int = 20000) -> float:
+    """Microseconds per step of the per-request-mode work a step does when no request names a mode: the
+    processor's `update_state` (no batch change) and the builder's `row_modes` (None: the layers' usual path)."""
+    from types import SimpleNamespace
+
+    from vllm_topt import request_modes
+
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256), additional_config={})
+    processor = request_modes.ToptRequestModes(config, torch.device("cpu"), False)
+    start = time.perf_counter()
+    for _ in range(steps):
+        processor.update_state(None)
+        if request_modes.row_modes(batch_size) is not None:
+            raise AssertionError("no request named a mode")
+    return 1e6 * (time.perf_counter() - start) / steps
+
+
 def ceiling(v_row_density: float) -> float:
     """SPEC §5: the speedup bound when K is read in full and V rows at this density (|K| = |V|)."""
     return 2.0 / (1.0 + v_row_density)
@@ -212,6 +259,19 @@ def select_layers(capture: dict, rules, tables, layers: list[int] | None):
     chosen = dict(capture, k=capture["k"][index], v=capture["v"][index],
                   q={c: q[index] for c, q in capture["q"].items()})
     return chosen, [rules[i] for i in layers], [tables[i] for i in layers]
+
+
+def mixed_timings(batch: Batch, scale: float, rules, tables, dense_rules, dense_requests: int, repeats: int,
+                  H: int, d: int) -> tuple[float, float]:
+    """(the mixed step, its server-mode rows' calls alone): the last `dense_requests` rows ask for dense."""
+    bsz = len(batch.seq_lens)
+    served, dense = torch.arange(bsz - dense_requests), torch.arange(bsz - dense_requests, bsz)
+    server_part = (rows_of(batch, served), rules, tables, served)
+    dense_part = (rows_of(batch, dense), dense_rules, [None] * len(rules), dense)
+    outputs = [torch.empty(bsz, H, d) for _ in rules]
+    t_mixed = time_steps(functools.partial(mixed_step, [server_part, dense_part], scale, outputs), repeats)
+    t_server_rows = time_steps(functools.partial(mixed_step, [server_part], scale, outputs), repeats)
+    return t_mixed, t_server_rows
 
 
 def run(args) -> list[dict]:
@@ -257,6 +317,9 @@ def run(args) -> list[dict]:
                 out_block = [torch.empty(bsz, H, d) for _ in range(L)]
                 t_block = time_steps(functools.partial(topt_step, batch, scale, block_rules, tables, out_block),
                                      args.repeats)
+            if args.dense_requests and bsz > args.dense_requests:
+                mixed = mixed_timings(batch, scale, rules, tables, dense_rules, args.dense_requests, args.repeats,
+                                      H, d)
         counts = topt_step(batch, scale, rules, tables, out_topt)
         kv_bytes = sum(layer.key_cache.element_size() for layer in batch.layers) * int(batch.seq_lens.sum()) * H_kv * d
         bound = ceiling(counts.v_row_density)
@@ -280,6 +343,14 @@ def run(args) -> list[dict]:
                          "also_of_ceiling": (t_dense / t_also) / ceiling(also.v_row_density),
                          "also_element_density": also.element_density, "also_v_row_density": also.v_row_density,
                          "rel_err_also": relative_error(out_also, out_dense)}
+        if args.dense_requests and bsz > args.dense_requests:
+            t_mixed, t_server_rows = mixed
+            served = bsz - args.dense_requests
+            rows[-1] |= {"mixed_ms": 1e3 * t_mixed, "server_rows_ms": 1e3 * t_server_rows,
+                         # What a request in the server's mode pays per row beside dense requests, vs in an
+                         # all-sparse batch (1.0: nothing extra).
+                         "server_row_cost": (t_server_rows / served) / (t_topt / bsz),
+                         "bookkeeping_us": mode_bookkeeping_us(bsz)}
         if args.block_vmc:
             topt_step(batch, scale, block_rules, tables, out_block)
             rows[-1] |= {"topt_block_vmc_ms": 1e3 * t_block, "block_vmc_over_topt": t_block / t_topt,
@@ -297,6 +368,8 @@ def print_table(rows: list[dict], header: str) -> None:
     cols += ("2nd file ms", "2nd x", "2nd of ceiling", "2nd elem %", "2nd V row %", "2nd err") if also else ()
     cols += ("fixed-team ms", "fixed-team x") if fixed else ()
     cols += ("block-VMC ms", "block/TOPT time", "err block-VMC") if block else ()
+    mixed = "mixed_ms" in rows[-1]
+    cols += ("with dense req. ms", "its sparse rows ms", "sparse row cost", "modes µs/step") if mixed else ()
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
@@ -306,6 +379,8 @@ def print_table(rows: list[dict], header: str) -> None:
         extra += [f"{r['topt_fixed_team_ms']:.2f}", f"{r['speedup_topt_fixed_team']:.2f}"] if fixed else []
         extra += [f"{r['topt_block_vmc_ms']:.2f}", f"{r['block_vmc_over_topt']:.3f}",
                   f"{r['rel_err_topt_block_vmc']:.3f}"] if block else []
+        extra += ([f"{r['mixed_ms']:.2f}", f"{r['server_rows_ms']:.2f}", f"{r['server_row_cost']:.2f}",
+                   f"{r['bookkeeping_us']:.1f}"] if "mixed_ms" in r else ["-"] * 4) if mixed else []
         kk = "-" if r["kept_over_k"] is None else f"{r['kept_over_k']:.2f}"
         print(" | ".join([
             str(r["context"]), str(r["batch"]), str(r["load"]), f"{r['cpu_attn_ms']:.2f}", f"{r['topt_off_ms']:.2f}",
@@ -343,6 +418,9 @@ def main(argv=None) -> None:
                         help="pin the OpenMP threads one per core, as vllm serve does")
     parser.add_argument("--block-vmc", action="store_true",
                         help="also time the thresholds with block-wise VMC (SPEC §4), same run")
+    parser.add_argument("--dense-requests", type=int, default=0, metavar="N",
+                        help="also time each batch with its last N requests asking for dense (per-request modes), "
+                             "as the backend runs them: the cost to the other requests, same run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)

@@ -68,3 +68,24 @@ def test_topt_not_its_dense_parent_decides_which_kv_cache_dtypes_it_serves(cuda_
     dtypes = (None, "auto", "float16", "bfloat16", "fp8")
     assert [ToptCpuBackend.supports_kv_cache_dtype(d) for d in dtypes] == [True, True, False, False, False]
     assert [cuda_backend.supports_kv_cache_dtype(d) for d in dtypes] == [True, True, True, True, False]
+
+
+def test_cuda_takes_request_points_that_differ_in_thresholds_and_k_only(cuda_backend, tmp_path):
+    """One launch serves every request mode's rows, so placement and compensation must match the server's file;
+    k and θ may differ (a copy of the speed file at k=40 is served; the quality file, block VMC, is refused)."""
+    import json
+
+    from vllm_topt.config.thresholds import ThresholdFileError, find_shipped_thresholds
+    from transformers import AutoConfig
+
+    speed = find_shipped_thresholds(AutoConfig.from_pretrained(DEFAULT_MODEL), "speed")
+    wider = json.loads(speed.read_text()) | {"target_k": 40}
+    (tmp_path / "k40.json").write_text(json.dumps(wider))
+
+    def config(points):
+        return engine_config(additional_config={"topt": {"operating_point": "speed", "request_points": points}})
+
+    cuda_backend.check_config(config({"k40": str(tmp_path / "k40.json")}))
+    with pytest.raises(ThresholdFileError, match=r"request point 'quality' .* layer 0 has vmc_scope sequence vs "
+                                                 r"block.*or serve on CPU"):
+        cuda_backend.check_config(config({"quality": "quality"}))

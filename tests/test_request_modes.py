@@ -104,3 +104,30 @@ def test_the_device_buffer_holds_this_steps_modes_and_clears():
     assert modes.tensor.data_ptr() == pointer  # one buffer for good: a captured graph reads it
     with pytest.raises(RuntimeError, match="row modes sized for 5"):
         modes.fill(torch.ones(6, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("points, message", [
+    ({"dense": "speed"}, "request point name 'dense'.*built in"),
+    ({"my point": "speed"}, "request point name 'my point'"),
+    ({"fast": "turbo"}, "'turbo' is neither a shipped operating point .*nor a threshold file"),
+])
+def test_request_points_are_named_and_sourced_as_the_options_say(points, message):
+    from vllm_topt.config.options import ToptConfigError, options_from_vllm_config
+
+    with pytest.raises(ToptConfigError, match=message):
+        options_from_vllm_config(SimpleNamespace(additional_config={"topt": {"request_points": points}}))
+
+
+def test_a_request_point_that_does_not_load_is_named_in_the_error():
+    from transformers import AutoConfig
+
+    from tests.engine_run import DEFAULT_MODEL
+    from vllm_topt.config.options import ToptOptions, resolve_request_points
+    from vllm_topt.config.thresholds import ThresholdFileError
+
+    hf_config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    options = ToptOptions(request_points={"speed": "speed", "mine": "/nowhere/mine.json"})
+    with pytest.raises(ThresholdFileError, match=r"request point 'mine' \(/nowhere/mine.json\): .*does not exist"):
+        resolve_request_points(options, hf_config, "SmolLM2")
+    (name, file, path, _), = resolve_request_points(ToptOptions(request_points={"speed": "speed"}), hf_config, "x")
+    assert name == "speed" and file.target_k == 32 and path.name == "smollm2-135m-instruct.k32.post-softmax.json"
