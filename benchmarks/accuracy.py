@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py --task humaneval --limit 20 --json benchmarks/results/acc.json
     python benchmarks/accuracy.py --task needle --limit 4
     python benchmarks/accuracy.py --task perplexity --limit 4
+    python benchmarks/accuracy.py --task perplexity --limit 4 --domain ood
 
 Tasks:
 
@@ -27,11 +28,14 @@ Tasks:
   greedy answer. Both backends get the same token ids.
 - perplexity: token-level perplexity of held-out BBC text, or of your own
   text (`--data PATH`, read as calibration reads it; `--split all` scores
-  every document, for text the calibration never saw), in windows of
-  `--window` tokens, decode-equivalent: every token is predicted from its
-  full prefix with the Top-θ rule applied to that row (row-wise θ(n) per row
-  length, n <= k rows dense, the file's placement/SDC/VMC), in every layer,
-  as if the whole window were decoded token by token through TOPT. This runs
+  every document, for text the calibration never saw), or of the
+  out-of-domain sets (`--domain NAME`, repeatable, `--domain ood` for all:
+  Python code, technical docs, licences; calibration/domains.py), each
+  scored on its own, in windows of `--window` tokens, decode-equivalent:
+  every token is predicted from its full prefix with the Top-θ rule applied
+  to that row (row-wise θ(n) per row length, n <= k rows dense, the file's
+  placement/SDC/VMC), in every layer, as if the whole window were decoded
+  token by token through TOPT. This runs
   the Hugging Face model with `calibration/attention.py` in one process: it
   scores the reference math (SPEC §2-4; the vLLM kernels are tested equal to
   it), NOT the vLLM engine, whose prompt logprobs come from dense prefill.
@@ -69,6 +73,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vllm_topt.calibration.domains import ALL_DOMAINS, DOMAINS, selected_domains  # noqa: E402
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -283,16 +288,22 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
 
 
 def perplexity_windows(tokenizer, window: int, count: int, data: list[str] | None = None,
-                       split: str = "heldout") -> tuple[list[list[int]], str]:
-    """`count` windows of `window` tokens from the BBC held-out split or the --data files, and what they are.
+                       split: str = "heldout", domain: str | None = None) -> tuple[list[list[int]], str]:
+    """`count` windows of `window` tokens from the BBC held-out split, the --data files or an OOD domain.
 
     `data` is read as calibration reads it (vllm_topt.calibration.data), so
     split "heldout" is exactly the text a calibration on the same files
     held out; "all" takes every document (a file calibration never saw).
+    A `domain` (vllm_topt.calibration.domains) holds out every document, so
+    either split is all of it.
     """
     from vllm_topt.calibration.data import DataError, load_corpus, token_sequences
+    from vllm_topt.calibration.domains import domain_corpus
 
-    corpus = load_corpus(data, tokenizer)
+    try:
+        corpus = domain_corpus(domain) if domain else load_corpus(data, tokenizer)
+    except DataError as exc:
+        sys.exit(f"perplexity: {exc}")
     texts = corpus.heldout if split == "heldout" else corpus.calibration + corpus.heldout
     what = corpus.heldout_description if split == "heldout" else f"{corpus.source}, every document"
     try:
@@ -492,15 +503,24 @@ def run_perplexity_task(args, file, path) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     _, tokenizer, model = load_model(args.model)
-    windows, text = perplexity_windows(tokenizer, args.window, args.limit or 4, args.data, args.split)
     modes = ("dense", "topt") if args.no_topk else ("dense", "topt", "topk")
-    results = perplexity_eval(model, windows, file, modes, block_size=args.block_size)
+    rows = []
+    # One text set at a time: the BBC/--data text (domain None), or each --domain on its own.
+    for domain in args.domain or [None]:
+        windows, text = perplexity_windows(tokenizer, args.window, args.limit or 4, args.data, args.split, domain)
+        results = perplexity_eval(model, windows, file, modes, block_size=args.block_size)
+        rows += perplexity_rows(args, file, path, results, len(windows), text, domain)
+    return rows
+
+
+def perplexity_rows(args, file, path, results: dict, n: int, text: str, domain: str | None) -> list[dict]:
+    """One row per mode of one text set's perplexity_eval results."""
     dense_ppl = results["dense"]["ppl"]
     rows = []
     for mode, r in results.items():
-        row = method_fields(mode, file, path, args.model) | {"task": "perplexity"}
+        row = method_fields(mode, file, path, args.model) | {"task": "perplexity", "domain": domain}
         row |= {"score_name": "ppl", "score": r["ppl"], "rel_change": r["ppl"] / dense_ppl - 1.0,
-                "n": len(windows), "window": args.window, "tokens": r["tokens"], "wall_s": r["wall_s"], "text": text}
+                "n": n, "window": args.window, "tokens": r["tokens"], "wall_s": r["wall_s"], "text": text}
         d = r.get("density")
         row |= density_fields(None) if d is None else {
             "element_density": d["element_density"], "v_row_density": d["v_row_density"],
@@ -511,9 +531,21 @@ def run_perplexity_task(args, file, path) -> list[dict]:
 
 
 def print_table(rows: list[dict], args, seconds: float) -> None:
+    """One block per text set (perplexity --domain: per domain); a single block gets the run's wall time."""
+    blocks: dict[str | None, list[dict]] = {}
+    for r in rows:
+        blocks.setdefault(r.get("domain"), []).append(r)
+    for domain, block in blocks.items():
+        print_block(block, args, seconds if len(blocks) == 1 else sum(r["wall_s"] for r in block), domain)
+    if len(blocks) > 1:
+        print(f"\n{len(blocks)} text sets, {seconds:.0f} s in all")
+
+
+def print_block(rows: list[dict], args, seconds: float, domain: str | None = None) -> None:
     r0 = rows[0]
     topt = next((r for r in rows if r["k"] is not None), r0)
-    print(f"\n{args.task}: model {r0['model']}, k={topt['k']} {topt['placement']} sdc={topt['sdc']} "
+    task = f"{args.task} [{domain}]" if domain else args.task
+    print(f"\n{task}: model {r0['model']}, k={topt['k']} {topt['placement']} sdc={topt['sdc']} "
           f"vmc={topt['vmc']} ({topt['vmc_scope']}), {r0['n']} {'windows' if args.task == 'perplexity' else 'cases'}, {seconds:.0f} s")
     if args.task == "perplexity":
         print(f"text: {r0['text']}, {r0['window']}-token windows")
@@ -564,6 +596,9 @@ def parse_args(argv=None):
                         "reads them: .jsonl 'text'/'messages', plain text, folders of .txt/.md/.jsonl)")
     p.add_argument("--split", choices=["heldout", "all"], default="heldout",
                    help="perplexity: the held-out split of the text (what a calibration on it held out), or all of it")
+    p.add_argument("--domain", action="append", default=None, choices=[*DOMAINS, ALL_DOMAINS], metavar="NAME",
+                   help=f"perplexity: score an out-of-domain set instead of BBC, each on its own (repeatable; "
+                        f"{', '.join(DOMAINS)}, or {ALL_DOMAINS} for all; calibration/domains.py)")
     p.add_argument("--no-topk", action="store_true", help="perplexity: skip the exact top-k baseline")
     p.add_argument("--block-size", type=int, default=CPU_DEFAULT_BLOCK_SIZE,
                    help="perplexity: V page size (block-wise VMC's blocks, V-block density); TOPT's CPU page")
@@ -571,7 +606,12 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--engine-child", nargs=2, help=argparse.SUPPRESS)  # internal: SPEC RESULT
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.domain:
+        if args.task != "perplexity" or args.data:
+            p.error("--domain scores out-of-domain text with --task perplexity; give it without --data")
+        args.domain = selected_domains(args.domain)  # 'ood' -> every domain, each once
+    return args
 
 
 def main(argv=None) -> None:
@@ -597,7 +637,7 @@ def main(argv=None) -> None:
     print_table(rows, args, seconds)
     if args.json:
         out = {"task": args.task, "model": shown(args.model), "limit": args.limit, "thresholds": shown(path),
-               "wall_s": seconds, "argv": sys.argv[1:], "rows": rows}
+               "domains": args.domain, "wall_s": seconds, "argv": sys.argv[1:], "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -53,6 +53,7 @@ from vllm_topt.calibration.checkpoint import Checkpoint, CheckpointError, checkp
 from vllm_topt.calibration.budget import (DEFAULT_CANDIDATES, DEFAULT_OBJECTIVE, OBJECTIVES, Allocation, allocate,
                                           relative_errors)
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
+from vllm_topt.calibration.domains import check_not_evaluation_text
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
 from vllm_topt.config.support import (
@@ -107,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="threshold file to write (JSON)")
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="calibration text (repeatable): a .jsonl file ('text' or chat 'messages' per line), a "
-                        "plain-text file, or a folder of .txt/.md/.jsonl files; default: BBC News 2004-05")
+                        "plain-text file, or a folder of .txt/.md/.jsonl files; default: BBC News 2004-05 (the "
+                        "out-of-domain evaluation text of calibration/domains.py is refused)")
     p.add_argument("--k", type=int, default=None, help=f"target kept elements per row (default {DEFAULT_K})")
     p.add_argument("--placement", choices=[p.value for p in Placement], default=Placement.POST_SOFTMAX.value)
     p.add_argument("--sdc", choices=[s.value for s in Sdc], default=None,
@@ -316,6 +318,7 @@ def prepare(args, config, tokenizer) -> Plan:
     out = check_output(args.out)
     try:
         corpus = load_corpus(args.data, tokenizer)
+        check_not_evaluation_text(corpus.files)  # the OOD sets must stay unseen
     except DataError as exc:
         raise CalibrationError(str(exc)) from None
     calibration = sequences_or_fail(tokenizer, corpus, "calibration", args.seq_len, args.num_seqs, "--num-seqs")

