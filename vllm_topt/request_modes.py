@@ -31,7 +31,8 @@ import functools
 import numpy as np
 import torch
 
-from vllm_topt.config.options import RESERVED_MODES, SPARSE_MODE, options_from_vllm_config, request_modes_of
+from vllm_topt.config.options import options_from_vllm_config, request_modes_of
+from vllm_topt.method.rules import RESERVED_MODES, SPARSE_MODE
 
 XARG_KEY = "topt"
 V1_PROCESSOR = "vllm_topt.request_modes:ToptRequestModes"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from vllm_topt import telemetry
 from vllm_topt.config.options import (
-    DENSE_MODE_CODE,
     ToptOptions,
     load_cached,
     options_from_vllm_config,
@@ -22,7 +21,7 @@ from vllm_topt.config.options import (
     resolve_thresholds,
 )
 from vllm_topt.config.thresholds import LayerPlan, ThresholdFile
-from vllm_topt.method.rules import ToptRule
+from vllm_topt.method.rules import DENSE_MODE_CODE, ToptRule
 
 DENSE_PLAN = LayerPlan(ToptRule(dense=True), None)  # what a request asking for dense gets on every layer
 

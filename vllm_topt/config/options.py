@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Literal
-
-import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_topt.config.identity import identity_mismatches
-from vllm_topt.method.rules import DENSE_MODE_CODE, RESERVED_MODES, SPARSE_MODE  # noqa: F401 - re-exported
+from vllm_topt.method.rules import RESERVED_MODES
 from vllm_topt.config.thresholds import (
     QUALITY_SUFFIX,
     ThresholdFile,
@@ -61,7 +60,7 @@ class ToptOptions(BaseModel):
             points = tuple(points.items())
         for name, source in points:
             if name in RESERVED_MODES or not POINT_NAME.fullmatch(name):
-                raise ValueError(f"request point name {name!r}: use letters, digits, '-' or '_', not "
+                raise ValueError(f"request point name {name!r}: use letters, digits, '-', '_' or '.', not "
                                  + " or ".join(repr(m) for m in RESERVED_MODES) + " (those are built in)")
             if source not in SHIPPED_POINTS and not source.endswith(".json"):
                 raise ValueError(f"request point {name!r}: {source!r} is neither a shipped operating point ("
@@ -118,7 +117,8 @@ def request_modes_of(options: ToptOptions) -> tuple[str, ...]:
     return RESERVED_MODES + tuple(name for name, _ in options.request_points)
 
 
-def resolve_request_points(options: ToptOptions, hf_config, model_name: str) -> list[tuple[str, ThresholdFile, Path, list[str]]]:
+def resolve_request_points(options: ToptOptions, hf_config,
+                           model_name: str) -> list[tuple[str, ThresholdFile, Path, list[str]]]:
     """Each request point's (name, file, path, tolerated differences), checked against the served model."""
     points = []
     for name, source in options.request_points:

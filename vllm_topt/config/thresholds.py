@@ -167,9 +167,11 @@ class ThresholdFile(BaseModel):
 def rule_difference(first: ThresholdFile, second: ThresholdFile) -> str | None:
     """How two files' layer rules differ other than in k (placement, compensation, dense layers); None: not."""
     for layer, (a, b) in enumerate(zip(first.layer_rules(), second.layer_rules())):
-        differing = [f.name for f in dataclasses.fields(a) if f.name != "k" and getattr(a, f.name) != getattr(b, f.name)]
+        differing = [f.name for f in dataclasses.fields(a)
+                     if f.name != "k" and getattr(a, f.name) != getattr(b, f.name)]
         if differing:
-            return f"layer {layer} has " + ", ".join(f"{name} {getattr(a, name)} vs {getattr(b, name)}" for name in differing)
+            return f"layer {layer} has " + ", ".join(f"{name} {getattr(a, name)} vs {getattr(b, name)}"
+                                                    for name in differing)
     return None
 
 
