@@ -170,13 +170,18 @@ def topt_step(batch: Batch, scale: float, rules, tables, outputs: list[torch.Ten
     """TOPT's decode call (as `ToptCpuImpl._decode` makes it), every layer."""
     total = DensityCounts()
     for layer, rule, table, out in zip(batch.layers, rules, tables, outputs):
-        by_length = None if table is None else table.table_upto(batch.max_seq_len)
-        _, counts = topt_decode_paged_cpp(
-            layer.query, layer.key_cache, layer.value_cache, batch.block_table, batch.seq_lens, None, rule,
-            scale, v_block_sums=layer.v_block_sums, out=out, theta_by_length=by_length,
-        )
-        total.add(counts)
+        total.add(topt_layer(batch, layer, scale, rule, table, out))
     return total
+
+
+def topt_layer(batch: Batch, layer: LayerCache, scale: float, rule, table, out: torch.Tensor) -> DensityCounts:
+    """One layer's TOPT decode call (the C++ kernel looks θ up by row length and writes `out` in place)."""
+    by_length = None if table is None else table.table_upto(batch.max_seq_len)
+    _, counts = topt_decode_paged_cpp(
+        layer.query, layer.key_cache, layer.value_cache, batch.block_table, batch.seq_lens, None, rule,
+        scale, v_block_sums=layer.v_block_sums, out=out, theta_by_length=by_length,
+    )
+    return counts
 
 
 def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
@@ -191,13 +196,8 @@ def mixed_step(parts: list[tuple[Batch, list, list, torch.Tensor]], scale: float
     mode's rows (a sub-batch with their rules) in a kernel call of their own, the output scattered back."""
     for i, out in enumerate(outputs):
         for sub, rules, tables, rows in parts:
-            layer, table = sub.layers[i], tables[i]
             part = torch.empty_like(out[rows])
-            topt_decode_paged_cpp(
-                layer.query, layer.key_cache, layer.value_cache, sub.block_table, sub.seq_lens, None, rules[i],
-                scale, v_block_sums=layer.v_block_sums, out=part,
-                theta_by_length=None if table is None else table.table_upto(sub.max_seq_len),
-            )
+            topt_layer(sub, sub.layers[i], scale, rules[i], tables[i], part)
             out[rows] = part
 
 

@@ -35,11 +35,9 @@ from vllm_topt import metrics
 from vllm_topt.method.rules import NUM_COUNTERS, RESERVED_MODES, DensityCounts
 
 _lock = threading.Lock()
-_per_layer: dict[int, DensityCounts] = {}
-# Rows of requests that chose another mode (`vllm_xargs: {"topt": "dense"}`, or a request point), by mode
-# code, then layer; kept apart from the counts above so that the log line and /metrics describe the server's
-# operating point.
-_other_modes: dict[int, dict[int, DensityCounts]] = {}
+# Per request mode code (0: the server's file; 1 dense, 2... request points: `vllm_xargs: {"topt": ...}`), per
+# layer. Kept apart by mode so that the log line and /metrics describe the server's operating point.
+_by_mode: dict[int, dict[int, DensityCounts]] = {}
 _state = {"last_tick": time.monotonic(), "capture_seen": False}
 
 
@@ -84,8 +82,7 @@ _batches = {"decode_only": 0, "prefill_only": 0, "mixed": 0}
 def record(layer: int, counts: DensityCounts, mode: int = 0) -> None:
     """Add one layer's counts of rows in request mode `mode` (0: the server's file)."""
     with _lock:
-        target = _per_layer if mode == 0 else _other_modes.setdefault(mode, {})
-        target.setdefault(layer, DensityCounts()).add(counts)
+        _by_mode.setdefault(mode, {}).setdefault(layer, DensityCounts()).add(counts)
 
 
 def record_batch(num_decodes: int, has_prefill: bool) -> None:
@@ -150,8 +147,7 @@ def begin_step(num_decodes: int, has_prefill: bool, capture_phase: bool = False)
 def _discard_warmup() -> None:
     with _lock:
         _state["capture_seen"] = False
-        _per_layer.clear()
-        _other_modes.clear()
+        _by_mode.clear()
         for kind in _batches:
             _batches[kind] = 0
         for bank in _bank:
@@ -197,8 +193,7 @@ flush_device_counters = flush
 
 def reset() -> None:
     with _lock:
-        _per_layer.clear()
-        _other_modes.clear()
+        _by_mode.clear()
         _bank.clear()
         _state["capture_seen"] = False
         for kind in _batches:
@@ -208,14 +203,14 @@ def reset() -> None:
 def snapshot(mode: int = 0) -> dict[int, DensityCounts]:
     """Per-layer counts of the rows in request mode `mode`: 0 (default) the server's file, 1 dense, 2... points."""
     with _lock:
-        source = _per_layer if mode == 0 else _other_modes.get(mode, {})
+        source = _by_mode.get(mode, {})
         return {layer: DensityCounts(**c.as_dict()) for layer, c in sorted(source.items())}
 
 
 def other_modes() -> list[int]:
     """The request modes other than the server's that have counts."""
     with _lock:
-        return sorted(_other_modes)
+        return sorted(mode for mode in _by_mode if mode != 0)
 
 
 def total(per_layer: dict[int, DensityCounts] | None = None) -> DensityCounts:

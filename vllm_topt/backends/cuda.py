@@ -124,7 +124,7 @@ class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
     @classmethod
     def check_config(cls, vllm_config) -> None:
         super().check_config(vllm_config)
-        check_request_points(vllm_config)
+        check_points_share_the_launch(vllm_config)
 
     @classmethod
     def config_refusals(cls, vllm_config) -> list[str]:
@@ -140,7 +140,7 @@ class ToptCudaBackend(ToptBackendMixin, TritonAttentionBackend):
         return refused
 
 
-def check_request_points(vllm_config) -> None:
+def check_points_share_the_launch(vllm_config) -> None:
     """One launch serves every request mode's rows, so a request point may differ from the server's file in θ
     and k only (placement and compensation are the kernel's constexprs)."""
     options = options_from_vllm_config(vllm_config)
