@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -238,16 +237,6 @@ def score_needle(cases: list[dict], texts: list[str], prompt_lens: list[int]) ->
 # --------------------------------------------------------------- perplexity
 
 
-def window_nll(model, ids: list[int]) -> tuple[float, int]:
-    """Sum of -log p(token | prefix) over tokens 2..T of one window, and their count."""
-    import torch
-
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum")
-    return float(nll), len(ids) - 1
-
-
 def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt", "topk"),
                     block_size: int = CPU_DEFAULT_BLOCK_SIZE, progress: bool = True) -> dict:
     """Perplexity per mode over the windows; Top-θ modes also report SPEC §7 densities.
@@ -257,6 +246,7 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
     The model must use `vllm_topt.calibration.attention` (attn_implementation "topt_calibrate").
     """
     from vllm_topt.calibration.attention import CalibrationSession, set_session
+    from vllm_topt.calibration.loss import perplexity, window_nll
     plan = file.layer_plan()
     rules, tables = [p.rule for p in plan], [p.thresholds for p in plan]
     L, H = file.model.num_layers, file.model.num_heads
@@ -274,7 +264,7 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
                 nll, count = nll + a, count + b
         finally:
             set_session(None)
-        row = {"mode": mode, "nll": nll, "tokens": count, "ppl": math.exp(nll / count),
+        row = {"mode": mode, "nll": nll, "tokens": count, "ppl": perplexity(nll, count),
                "wall_s": time.monotonic() - start}
         if mode != "dense":
             c = session.counts

@@ -72,6 +72,8 @@ class CalibrationSession:
     residual_sq: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> ||h_t||² [B, T], this sequence
     profile_error: torch.Tensor = field(init=False)
     profile_norm: torch.Tensor = field(init=False)
+    # Scored runs ("dense" and "apply" modes with full logits): [Σ next-token NLL, tokens scored].
+    next_token_loss: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         shape = (self.num_layers, self.num_heads, self.max_len)
@@ -84,6 +86,7 @@ class CalibrationSession:
         self.counts_by_layer = [DensityCounts() for _ in range(self.num_layers)]
         self.profile_error = torch.zeros(self.num_layers, len(self.profile_ks), dtype=torch.float64)
         self.profile_norm = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.next_token_loss = torch.zeros(2, dtype=torch.float64)
 
 
 _session: CalibrationSession | None = None

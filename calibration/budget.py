@@ -37,6 +37,7 @@ DEFAULT_OBJECTIVE = "attention"
 
 @dataclass
 class Allocation:
+    budget_k: int  # the mean k allocated under
     layer_k: dict[int, int]  # every thresholded layer
     relative_error: dict[int, dict[int, float]]  # layer -> candidate k -> profiled error
     objective: str = DEFAULT_OBJECTIVE
@@ -45,10 +46,10 @@ class Allocation:
     def mean_k(self) -> float:
         return sum(self.layer_k.values()) / len(self.layer_k)
 
-    def provenance(self, budget_k: int, num_sequences: int, seq_len: int) -> dict:
+    def provenance(self, num_sequences: int, seq_len: int) -> dict:
         """How the allocation was chosen, for the threshold file's provenance."""
         return {
-            "mean_k_budget": budget_k,
+            "mean_k_budget": self.budget_k,
             "mean_k": self.mean_k,
             "candidates": sorted(next(iter(self.relative_error.values()))),
             "objective": OBJECTIVES[self.objective],
@@ -91,4 +92,4 @@ def allocate(errors: dict[int, dict[int, float]], budget_k: int, objective: str 
         _, layer, j = best
         left -= candidates[j] - candidates[index[layer]]
         index[layer] = j
-    return Allocation({layer: candidates[index[layer]] for layer in layers}, errors, objective)
+    return Allocation(budget_k, {layer: candidates[index[layer]] for layer in layers}, errors, objective)

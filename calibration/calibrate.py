@@ -17,7 +17,13 @@ kept/k and the densities.
 
 With --budget-k, a dense profile pass first allocates each layer's k under
 that mean (calibration/budget.py); the thresholds are then calibrated per
-layer as with --layer-k.
+layer as with --layer-k. With --target-loss, the same profile feeds a search
+over mean-k budgets for the sparsest file whose held-out perplexity loss meets
+the target (calibration/target.py); every trial is a complete calibration.
+
+Every file records its held-out perplexity loss against dense attention
+(calibration/loss.py), on the held-out split of the data or on --eval-data;
+`vllm-topt-calibrate --show FILE` prints what a file records.
 
 Sliding-window layers (Gemma-2/3's local layers, read from the model config)
 run with their window and are recorded as dense, with the reason, since the
@@ -54,6 +60,9 @@ from vllm_topt.calibration.budget import (DEFAULT_CANDIDATES, DEFAULT_OBJECTIVE,
                                           relative_errors)
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
 from vllm_topt.calibration.domains import check_not_evaluation_text
+from vllm_topt.calibration.loss import perplexity, perplexity_entry, window_nll
+from vllm_topt.calibration.target import (DEFAULT_TARGET_LOSS_PCT, SEARCH_MEAN_K, SearchResult, Trial, search,
+                                          search_ladder)
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
 from vllm_topt.config.support import (
@@ -70,6 +79,8 @@ from vllm_topt.config.thresholds import (
     ModelIdentity,
     Provenance,
     ThresholdFile,
+    describe,
+    load_threshold_file,
 )
 
 PROG = "vllm-topt-calibrate"
@@ -95,6 +106,13 @@ def parse_layer_k(text: str) -> dict[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:K[,LAYER:K...], e.g. '0:512,1:512'") from None
 
 
+def parse_percent(text: str) -> float:
+    try:
+        return float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage, e.g. '0.5' or '0.5%'") from None
+
+
 def parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -104,8 +122,10 @@ def parse_layers(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model folder (as served by vLLM)")
-    p.add_argument("--out", required=True, help="threshold file to write (JSON)")
+    p.add_argument("--model", help="Hugging Face model folder (as served by vLLM)")
+    p.add_argument("--out", help="threshold file to write (JSON)")
+    p.add_argument("--show", metavar="FILE", help="print what a threshold file records (its rule, held-out loss, "
+                                                    "densities and, for --target-loss files, the search) and exit")
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="calibration text (repeatable): a .jsonl file ('text' or chat 'messages' per line), a "
                         "plain-text file, or a folder of .txt/.md/.jsonl files; default: BBC News 2004-05 (the "
@@ -126,6 +146,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-candidates", type=parse_layers, default=list(DEFAULT_CANDIDATES), metavar="K,...",
                    help=f"the k a layer may get (default {','.join(map(str, DEFAULT_CANDIDATES))})")
     p.add_argument("--budget-seqs", type=int, default=8, help="calibration sequences the allocation profiles")
+    p.add_argument("--target-loss", type=parse_percent, nargs="?", const=DEFAULT_TARGET_LOSS_PCT, default=None,
+                   metavar="PCT", help="search the mean-k budget for the sparsest file whose held-out perplexity "
+                   "is at most PCT%% above dense (given without a value: "
+                   f"{DEFAULT_TARGET_LOSS_PCT}%%, a margin for text from other domains; see calibration/target.py)")
+    p.add_argument("--eval-data", action="append", default=None, metavar="PATH",
+                   help="text to measure the held-out loss on (repeatable; every document of it), instead of the "
+                        "held-out split of the calibration data")
     p.add_argument("--budget-objective", choices=list(OBJECTIVES), default=DEFAULT_OBJECTIVE,
                    help="what the allocation minimises: each layer's attention-output error relative to that output "
                         "(attention), or its change to the residual stream relative to the stream (residual)")
@@ -148,11 +175,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="model name recorded in the file (default: folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.show is None:
+        missing = [flag for flag in ("--model", "--out") if getattr(args, flag[2:]) is None]
+        if missing:
+            raise CalibrationError(f"{' and '.join(missing)} required (or --show FILE to read a file)")
     if args.sdc is None:
         args.sdc = "exact" if args.placement == "pre-softmax" else "none"
     if args.budget_k is not None and args.k is not None:
         raise CalibrationError(f"--k {args.k} and --budget-k {args.budget_k}: give one (--budget-k sets the mean k "
                                "and allocates each layer's)")
+    if args.target_loss is not None:
+        given = [flag for flag, value in (("--k", args.k), ("--budget-k", args.budget_k),
+                                          ("--layer-k", args.layer_k)) if value]
+        if given:
+            raise CalibrationError(f"--target-loss searches the budget; drop {given[0]} (or drop --target-loss)")
     if args.k is None:
         args.k = DEFAULT_K if args.budget_k is None else args.budget_k  # the file's target_k
     return args
@@ -214,7 +250,9 @@ def check_model_args(args, config) -> tuple[list[ToptRule], dict[int, str]]:
 def check_budget_args(args) -> None:
     if args.block_size < 1:
         raise CalibrationError(f"--block-size {args.block_size}: must be at least 1")
-    if args.budget_k is None:
+    if args.target_loss is not None:
+        check_target_args(args)
+    elif args.budget_k is None:
         if args.budget_objective != DEFAULT_OBJECTIVE:
             raise CalibrationError(f"--budget-objective {args.budget_objective} chooses how --budget-k allocates; "
                                    "add --budget-k MEAN_K (or drop --budget-objective)")
@@ -224,7 +262,7 @@ def check_budget_args(args) -> None:
     candidates = sorted(set(args.budget_candidates))
     if not candidates or candidates[0] < 1:
         raise CalibrationError(f"--budget-candidates {args.budget_candidates}: give k values of at least 1")
-    if not candidates[0] <= args.budget_k <= candidates[-1]:
+    if args.budget_k is not None and not candidates[0] <= args.budget_k <= candidates[-1]:
         raise CalibrationError(f"--budget-k {args.budget_k} is outside --budget-candidates {candidates[0]} .. "
                                f"{candidates[-1]}; pick a mean k in that range")
     if candidates[-1] + 1 >= args.seq_len:
@@ -233,6 +271,17 @@ def check_budget_args(args) -> None:
     if not 1 <= args.budget_seqs <= args.num_seqs:
         raise CalibrationError(f"--budget-seqs {args.budget_seqs}: must be between 1 and --num-seqs {args.num_seqs}")
     args.budget_candidates = candidates
+
+
+def check_target_args(args) -> None:
+    if args.target_loss <= 0:
+        raise CalibrationError(f"--target-loss {args.target_loss}: give a loss above 0%, e.g. 0.5 (dense attention "
+                               "is the only file with no loss)")
+    candidates = sorted(set(args.budget_candidates))
+    if candidates and not search_ladder(candidates):
+        raise CalibrationError(f"--budget-candidates {args.budget_candidates}: no mean k the search tries "
+                               f"({', '.join(map(str, SEARCH_MEAN_K))}) lies between {candidates[0]} and "
+                               f"{candidates[-1]}; widen the candidates")
 
 
 DENSE_BY_FLAG = "--dense-layers"
@@ -280,10 +329,12 @@ def check_output(out: str) -> Path:
     return path
 
 
-def args_layer_rules(args, num_layers: int, dense_reasons: dict[int, str]) -> list[ToptRule]:
-    """The rules the file will hold, before it exists (the same function builds them from a file)."""
-    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k, args.layer_k, dense_reasons,
-                       vmc_scope=args.vmc_scope)
+def args_layer_rules(args, num_layers: int, dense_reasons: dict[int, str], k: int | None = None,
+                     layer_k: dict[int, int] | None = None) -> list[ToptRule]:
+    """The rules the file will hold, before it exists (the same function builds them from a file); `k` and
+    `layer_k` (a budget's allocation) stand in for the arguments'."""
+    return layer_rules(num_layers, args.placement, args.sdc, not args.no_vmc, args.k if k is None else k,
+                       args.layer_k if layer_k is None else layer_k, dense_reasons, vmc_scope=args.vmc_scope)
 
 
 # ------------------------------------------------------------------ plan
@@ -302,6 +353,7 @@ class Plan:
     corpus: Corpus
     calibration: list[list[int]]
     heldout: list[list[int]]
+    heldout_data: str  # what the held-out sequences are (the split, or --eval-data)
     checkpoint: Checkpoint
     identity: ModelIdentity  # what the file will record as the model it was made for
 
@@ -319,11 +371,17 @@ def prepare(args, config, tokenizer) -> Plan:
     try:
         corpus = load_corpus(args.data, tokenizer)
         check_not_evaluation_text(corpus.files)  # the OOD sets must stay unseen
+        eval_corpus = eval_data_corpus(args.eval_data, corpus, tokenizer)
     except DataError as exc:
         raise CalibrationError(str(exc)) from None
     calibration = sequences_or_fail(tokenizer, corpus, "calibration", args.seq_len, args.num_seqs, "--num-seqs")
-    heldout = sequences_or_fail(tokenizer, corpus, "held-out", args.seq_len, args.heldout_seqs, "--heldout-seqs")
-    key = run_key(args, config, corpus, device, dtype)
+    if eval_corpus is None:
+        heldout_data = corpus.heldout_description
+        heldout = sequences_or_fail(tokenizer, corpus, "held-out", args.seq_len, args.heldout_seqs, "--heldout-seqs")
+    else:
+        heldout_data = f"{eval_corpus.source}, every document (--eval-data)"
+        heldout = sequences_or_fail(tokenizer, eval_corpus, "every", args.seq_len, args.heldout_seqs, "--heldout-seqs")
+    key = run_key(args, config, corpus, device, dtype) | {"--eval-data": eval_corpus and eval_corpus.sha256}
     try:
         checkpoint = Checkpoint.open(checkpoint_path(out), key, resume=args.resume)
     except CheckpointError as exc:
@@ -331,11 +389,29 @@ def prepare(args, config, tokenizer) -> Plan:
     identity = ModelIdentity.from_hf_config(config, name=args.name or Path(args.model).name, source=args.model,
                                             vocab_hash=vocabulary_hash(tokenizer),
                                             weights=weights_description(args.model, config))
-    return Plan(args, rules, dense_reasons, device, dtype, out, corpus, calibration, heldout, checkpoint, identity)
+    return Plan(args, rules, dense_reasons, device, dtype, out, corpus, calibration, heldout, heldout_data, checkpoint,
+                identity)
+
+
+def eval_data_corpus(paths: list[str] | None, corpus: Corpus, tokenizer) -> Corpus | None:
+    """--eval-data's corpus (None: measure on the calibration data's held-out split); never the calibration text."""
+    if not paths:
+        return None
+    try:
+        eval_corpus = load_corpus(paths, tokenizer)
+    except DataError as exc:
+        raise DataError(f"--eval-data: {exc}") from None
+    check_not_evaluation_text(eval_corpus.files)  # the loss guides the search: the OOD sets must stay unseen
+    shared = sorted({f["sha256"] for f in corpus.files or []} & {f["sha256"] for f in eval_corpus.files or []})
+    if shared:
+        raise DataError(f"--eval-data holds a file that is also calibration --data (SHA-256 {shared[0][:12]}...); "
+                        "the loss must be measured on text the calibration did not read: drop it from one of them")
+    return eval_corpus
 
 
 def sequences_or_fail(tokenizer, corpus: Corpus, part: str, seq_len: int, count: int, flag: str) -> list[list[int]]:
-    texts = corpus.heldout if part == "held-out" else corpus.calibration
+    texts = {"held-out": corpus.heldout, "calibration": corpus.calibration,
+             "every": corpus.calibration + corpus.heldout}[part]
     try:
         return token_sequences(tokenizer, texts, seq_len, count)
     except DataError as exc:
@@ -351,9 +427,10 @@ def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
         "--k": args.k, "--layer-k": sorted(args.layer_k.items()), "--dense-layers": sorted(args.dense_layers),
         "--placement": args.placement, "--sdc": args.sdc, "--no-vmc": args.no_vmc, "--vmc-scope": args.vmc_scope,
         "--block-size": args.block_size, "--budget-k": args.budget_k,
-        "--budget-candidates": args.budget_candidates if args.budget_k else None,
-        "--budget-seqs": args.budget_seqs if args.budget_k else None,
-        "--budget-objective": args.budget_objective if args.budget_k else None,
+        "--budget-candidates": args.budget_candidates if args.budget_k or args.target_loss else None,
+        "--budget-seqs": args.budget_seqs if args.budget_k or args.target_loss else None,
+        "--budget-objective": args.budget_objective if args.budget_k or args.target_loss else None,
+        "--target-loss": args.target_loss,
         "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
         "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
     }
@@ -425,16 +502,23 @@ def aggregate(session: CalibrationSession, rules, grids, placement: str) -> list
     return result
 
 
-def run_sequences(model, sequences, session, plan: Plan, phase: str) -> None:
-    """Run the remaining sequences of `phase`, checkpointing the session after each one."""
+def run_sequences(model, sequences, session, plan: Plan, phase: str, scored: bool = False) -> None:
+    """Run the remaining sequences of `phase`, checkpointing the session after each one.
+
+    `scored`: also add each sequence's next-token loss to `session.next_token_loss`.
+    """
     done = plan.checkpoint.restore(phase, session)
     set_session(session)
     try:
         with torch.inference_mode():
             bar = tqdm(range(done, len(sequences)), initial=done, total=len(sequences), desc=phase, unit="seq")
             for i in bar:
-                # Only the attention statistics matter: skip the [T, vocab] logits (1.6 GB at 8k for SmolLM2).
-                model(torch.tensor([sequences[i]], device=plan.device), use_cache=False, logits_to_keep=1)
+                if scored:
+                    nll, tokens = window_nll(model, sequences[i], plan.device)
+                    session.next_token_loss += torch.tensor([nll, tokens], dtype=torch.float64)
+                else:
+                    # Only the attention statistics matter: skip the [T, vocab] logits (1.6 GB at 8k for SmolLM2).
+                    model(torch.tensor([sequences[i]], device=plan.device), use_cache=False, logits_to_keep=1)
                 plan.checkpoint.save(phase, i + 1, session)
     finally:
         set_session(None)
@@ -446,8 +530,8 @@ def calibrate(args, config, tokenizer, model) -> tuple[ThresholdFile, dict]:
     return run(plan, config, model)
 
 
-def allocate_budget(plan: Plan, model, num_heads: int) -> Allocation:
-    """Profile the first --budget-seqs calibration sequences densely; each thresholded layer's k."""
+def profile_errors(plan: Plan, model, num_heads: int) -> dict[int, dict[int, float]]:
+    """Profile the first --budget-seqs calibration sequences densely; each thresholded layer's error per k."""
     args = plan.args
     session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, plan.rules, mode="profile",
                                  device=plan.device, block_size=args.block_size,
@@ -456,31 +540,75 @@ def allocate_budget(plan: Plan, model, num_heads: int) -> Allocation:
     with norms:
         run_sequences(model, plan.calibration[: args.budget_seqs], session, plan, "budget profile")
     layers = [layer for layer, rule in enumerate(plan.rules) if not rule.dense]
-    errors = relative_errors(session.profile_error, session.profile_norm, layers, args.budget_candidates)
-    return allocate(errors, args.budget_k, args.budget_objective)
+    return relative_errors(session.profile_error, session.profile_norm, layers, args.budget_candidates)
+
+
+def dense_heldout_perplexity(plan: Plan, model, num_heads: int) -> float:
+    """The held-out sequences' perplexity with dense attention (the loss's baseline, measured once)."""
+    session = CalibrationSession(plan.num_layers, num_heads, plan.args.seq_len, plan.rules, mode="dense",
+                                 device=plan.device)
+    run_sequences(model, plan.heldout, session, plan, "held-out dense", scored=True)
+    return perplexity(*session.next_token_loss.tolist())
 
 
 def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
     args = plan.args
     H = text_config(config).num_attention_heads
-    allocation = None
-    if args.budget_k is not None:
-        allocation = allocate_budget(plan, model, H)
-        args.layer_k = {layer: k for layer, k in allocation.layer_k.items() if k != args.k}
-        plan.rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons)
-    rules = plan.rules
-    session = CalibrationSession(plan.num_layers, H, args.seq_len, rules, device=plan.device,
+    dense_ppl = dense_heldout_perplexity(plan, model, H)
+    errors = profile_errors(plan, model, H) if args.budget_k is not None or args.target_loss is not None else None
+    if args.target_loss is not None:
+        result = target_search(plan, model, H, errors, dense_ppl)
+        file = ThresholdFile.model_validate_json(result.chosen.file_json)
+        file.provenance.target = result.provenance(search_ladder(args.budget_candidates), plan.heldout_data)  # type: ignore[attr-defined]
+        return file, result.chosen.heldout
+    allocation = None if errors is None else allocate(errors, args.budget_k, args.budget_objective)
+    return calibrate_at(plan, model, H, allocation, dense_ppl)
+
+
+def target_search(plan: Plan, model, num_heads: int, errors, dense_ppl: float) -> SearchResult:
+    """The sparsest budget on the ladder whose file meets --target-loss; finished trials come from the checkpoint."""
+    args = plan.args
+
+    def evaluate(mean_k: int) -> Trial:
+        name = f"mean k {mean_k}"
+        saved = plan.checkpoint.trial(name)
+        if saved is not None:
+            return Trial(**saved)
+        allocation = allocate(errors, mean_k, args.budget_objective)
+        file, heldout = calibrate_at(plan, model, num_heads, allocation, dense_ppl, phase_prefix=f"{name}: ")
+        trial = Trial(mean_k, file.model_dump_json(), heldout)
+        plan.checkpoint.save_trial(name, trial.record(), [f"{name}: calibrating", f"{name}: held-out check"])
+        return trial
+
+    def report(trial: Trial, met: bool) -> None:
+        verdict = "meets it" if met else "misses it"
+        tqdm.write(f"{PROG}: mean k {trial.mean_k_budget}: held-out loss {trial.loss_pct:+.2f}% at "
+                   f"{trial.heldout['element_density']:.1%} of elements; target +{args.target_loss:g}%: {verdict}")
+
+    return search(search_ladder(args.budget_candidates), evaluate, args.target_loss, report)
+
+
+def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | None, dense_ppl: float,
+                 phase_prefix: str = "") -> tuple[ThresholdFile, dict]:
+    """Calibrate a file (at one budget's allocation, or at the arguments' k) and check it on held-out text."""
+    args = plan.args
+    k, layer_k = args.k, dict(args.layer_k)
+    if allocation is not None:
+        k = allocation.budget_k
+        layer_k = {layer: layer_k for layer, layer_k in allocation.layer_k.items() if layer_k != k}
+    rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons, k, layer_k)
+    session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, rules, device=plan.device,
                                  topk_during_calibration=not args.no_topk_during_calibration,
                                  block_size=args.block_size)
-    run_sequences(model, plan.calibration, session, plan, "calibrating")
+    run_sequences(model, plan.calibration, session, plan, f"{phase_prefix}calibrating")
     grids = layer_grids(rules, args.seq_len, args.grid_points)
     thresholds = aggregate(session, rules, grids, args.placement)
-    main_grid = geometric_grid(args.k, args.seq_len, args.grid_points)
+    main_grid = geometric_grid(k, args.seq_len, args.grid_points)
     file = ThresholdFile(
         schema_version=SCHEMA_VERSION,
         model=plan.identity,
-        target_k=args.k,
-        layer_k=dict(args.layer_k),
+        target_k=k,
+        layer_k=layer_k,
         dense_layers=sorted(plan.dense_reasons),
         dense_layer_reasons=plan.dense_reasons,
         placement=args.placement,
@@ -503,18 +631,18 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
         ),
     )
     if allocation is not None:
-        file.provenance.budget = allocation.provenance(args.budget_k, args.budget_seqs, args.seq_len)  # type: ignore[attr-defined]
-    heldout = heldout_check(model, file, rules, plan)
+        file.provenance.budget = allocation.provenance(args.budget_seqs, args.seq_len)  # type: ignore[attr-defined]
+    heldout = heldout_check(model, file, rules, plan, dense_ppl, f"{phase_prefix}held-out check")
     file.provenance.heldout = heldout  # type: ignore[attr-defined]
     return file, heldout
 
 
-def heldout_check(model, file: ThresholdFile, rules, plan: Plan) -> dict:
-    """Apply the thresholds to held-out text as serving does; kept/k per row and the densities."""
+def heldout_check(model, file: ThresholdFile, rules, plan: Plan, dense_ppl: float, phase: str) -> dict:
+    """Apply the thresholds to held-out text as serving does: its perplexity loss, kept/k per row, the densities."""
     tables = [file.layer_thresholds(layer) for layer in range(len(rules))]
     session = CalibrationSession(len(rules), file.model.num_heads, plan.args.seq_len, rules, mode="apply",
                                  tables=tables, device=plan.device, block_size=plan.args.block_size)
-    run_sequences(model, plan.heldout, session, plan, "held-out check")
+    run_sequences(model, plan.heldout, session, plan, phase, scored=True)
     sparse = [layer for layer, r in enumerate(rules) if not r.dense]
     per_layer = {
         layer: float(session.kept_by_layer[layer] / session.rows_by_layer[layer].clamp(min=1)) / rules[layer].k
@@ -524,7 +652,7 @@ def heldout_check(model, file: ThresholdFile, rules, plan: Plan) -> dict:
     k_mean = sum(rules[layer].k * float(session.rows_by_layer[layer]) for layer in sparse) / float(session.rows_by_layer.sum())
     c: DensityCounts = session.counts
     return {
-        "data": plan.corpus.heldout_description,
+        "data": plan.heldout_data,
         "num_sequences": len(plan.heldout),
         "seq_len": plan.args.seq_len,
         "mean_kept_per_row": kept_mean,
@@ -533,6 +661,9 @@ def heldout_check(model, file: ThresholdFile, rules, plan: Plan) -> dict:
         "element_density": c.element_density,
         "v_row_density": c.v_row_density,
         "v_block_density": c.v_block_density,
+        "perplexity": perplexity_entry(plan.heldout_data, len(plan.heldout), plan.args.seq_len, dense_ppl,
+                                       perplexity(*session.next_token_loss.tolist()), f"{PROG} held-out check",
+                                       c.element_density, c.v_row_density),
     }
 
 
@@ -580,11 +711,52 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
           f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f}); "
           f"elements {heldout['element_density']:.1%}, V rows {heldout['v_row_density']:.1%}, "
           f"V blocks {heldout['v_block_density']:.1%} ({plan.args.block_size}-token blocks)")
+    for line in measured_lines(file):
+        print(f"  {line}")
     print(f"  time         {seconds / 60:.1f} min, {peak_memory()}")
+
+
+def measured_lines(file: ThresholdFile) -> list[str]:
+    """The held-out loss and, for a --target-loss file, its search, as the summary and --show print them."""
+    heldout = getattr(file.provenance, "heldout", None) or {}
+    perplexity = heldout.get("perplexity")
+    lines = []
+    if perplexity:
+        lines.append(f"loss         perplexity {perplexity['topt']:.4f} vs dense {perplexity['dense']:.4f}: "
+                     f"{perplexity['loss_pct']:+.2f}% on {perplexity['windows']} x {perplexity['window']} tokens of "
+                     f"{perplexity['data']}")
+    target = getattr(file.provenance, "target", None)
+    if target:
+        verdict = "met" if target["met"] else "MISSED: no budget on the ladder met it"
+        lines.append(f"target       held-out loss <= +{target['target_loss_pct']:g}%: {verdict}; mean k "
+                     f"{target['chosen_mean_k']} chosen from {len(target['trials'])} trials:")
+        for t in sorted(target["trials"], key=lambda t: t["mean_k_budget"]):
+            lines.append(f"               mean k {t['mean_k_budget']:>4}: loss {t['loss_pct']:+.2f}%, elements "
+                         f"{t['element_density']:.1%}, V rows {t['v_row_density']:.1%}")
+    return lines
+
+
+def show(path: str) -> None:
+    """--show FILE: what a threshold file records, without loading a model."""
+    try:
+        file = load_threshold_file(path)
+    except Exception as exc:  # a missing, unreadable or invalid file: say which and why
+        raise CalibrationError(f"--show {path}: {exc}") from None
+    print(f"{path}")
+    print(f"  model        {file.model.name} ({file.model.num_layers} layers, {file.model.fingerprint})")
+    print(f"  summary      {describe(file)}")
+    print(f"  data         {file.provenance.data}")
+    for line in measured_lines(file):
+        print(f"  {line}")
+    if not getattr(file.provenance, "heldout", None):
+        print("  loss         not recorded: measure it with benchmarks/accuracy.py --task perplexity")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.show is not None:
+        show(args.show)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.monotonic()

@@ -22,8 +22,9 @@ CHECKPOINT_SUFFIX = ".checkpoint.pt"
 # What each session mode accumulates (vllm_topt.calibration.attention.CalibrationSession).
 SESSION_TENSORS = {
     "collect": ("value_sum", "value_sq_sum", "value_count"),
-    "apply": ("kept_by_layer", "rows_by_layer"),
+    "apply": ("kept_by_layer", "rows_by_layer", "next_token_loss"),
     "profile": ("profile_error", "profile_norm"),
+    "dense": ("next_token_loss",),
 }
 
 
@@ -83,6 +84,20 @@ class Checkpoint:
             "counts": session.counts.as_dict(),
             "counts_by_layer": [c.as_dict() for c in session.counts_by_layer],
         }
+        self._write()
+
+    def trial(self, name: str) -> dict | None:
+        """A finished --target-loss trial's record (None: not run yet)."""
+        return self.state.get("trials", {}).get(name)
+
+    def save_trial(self, name: str, record: dict, phases: list[str]) -> None:
+        """Keep a finished trial's record and drop its phases' sums: it never runs again."""
+        self.state.setdefault("trials", {})[name] = record
+        for phase in phases:
+            self.state["phases"].pop(phase, None)
+        self._write()
+
+    def _write(self) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
         torch.save(self.state, partial)
         os.replace(partial, self.path)

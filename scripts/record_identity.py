@@ -19,6 +19,7 @@ from pathlib import Path
 
 from build_model import MODEL_SPECS, assemble_gguf, weights_source
 
+from vllm_topt.calibration.loss import perplexity_entry
 from vllm_topt.config.identity import vocabulary_hash
 from vllm_topt.config.thresholds import ThresholdFile
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
@@ -53,18 +54,12 @@ def heldout_perplexity(config_name: str) -> dict | None:
     for row in result["rows"]:
         if row.get("thresholds") == target and row.get("backend") == "topt":  # benchmarks/accuracy.py rows
             return perplexity_entry(row["text"], row["n"], row["window"], row["score"] / (1 + row["rel_change"]),
-                                    row["score"], result_name, row["element_density"], row["v_row_density"])
+                                    row["score"], f"benchmarks/results/{result_name}", row["element_density"],
+                                    row["v_row_density"])
         if row.get("file") == target and row.get("mode") == "topt" and row.get("text") == "bbc":  # quality_point
             return perplexity_entry(result["texts"]["bbc"], result["windows_per_text"], result["window"],
-                                    row["dense"], row["ppl"], result_name, row["elem"], row["vrow"])
+                                    row["dense"], row["ppl"], f"benchmarks/results/{result_name}", row["elem"], row["vrow"])
     sys.exit(f"{result_name} has no Top-θ row for {target}")
-
-
-def perplexity_entry(data: str, windows: int, window: int, dense: float, topt: float, result: str,
-                     element_density: float, v_row_density: float) -> dict:
-    return {"data": data, "windows": windows, "window": window, "dense": dense, "topt": topt,
-            "loss_pct": 100 * (topt / dense - 1), "element_density": element_density,
-            "v_row_density": v_row_density, "result": f"benchmarks/results/{result}"}
 
 
 def migrate(path: Path) -> None:

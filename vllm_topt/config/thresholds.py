@@ -277,6 +277,9 @@ def describe(thresholds: ThresholdFile) -> str:
     densities = ", ".join(f"{measured[key]:.1%} {label}" for key, label in
                           (("element_density", "of elements"), ("v_row_density", "V rows"),
                            ("v_block_density", "V blocks")) if key in measured) or "densities not recorded"
+    target = getattr(thresholds.provenance, "target", None)
+    if target:
+        loss += f" (calibrated to <= +{target['target_loss_pct']:g}%, {'met' if target['met'] else 'MISSED'})"
     return f"{line}; held-out ({heldout.get('data', 'unnamed data')}): {loss}, {densities}, kept/k " \
            f"{heldout.get('kept_over_k', float('nan')):.2f}"
 
