@@ -1,0 +1,172 @@
+"""--target-loss: the budget search, its record in the file, --show, resume, and the loss a fresh run measures.
+
+The runs are real (SmolLM2 through transformers) at small sizes: 256-token
+sequences and candidates up to k=32, so the ladder is 16..32 (five rungs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine_run import ROOT
+from tests.test_calibration import MODEL, cli, refusal
+from vllm_topt.calibration import calibrate
+from vllm_topt.calibration.target import SEARCH_MEAN_K, Trial, search, search_ladder
+from vllm_topt.config.thresholds import describe, load_threshold_file
+
+TARGET_RUN = ["--model", MODEL, "--num-seqs", "2", "--seq-len", "256", "--heldout-seqs", "1", "--budget-seqs", "1",
+              "--budget-candidates", "8,16,24,32", "--vmc-scope", "block", "--target-loss", "0.05%"]
+
+
+# ------------------------------------------------------------------ the search
+
+
+def trial_at(loss_of):
+    """An evaluation whose loss is loss_of(mean k); records which budgets it was asked for."""
+    asked = []
+
+    def evaluate(mean_k: int) -> Trial:
+        asked.append(mean_k)
+        return Trial(mean_k, "{}", {"perplexity": {"loss_pct": loss_of(mean_k)}, "element_density": mean_k / 500,
+                                    "v_row_density": mean_k / 300})
+    return evaluate, asked
+
+
+@pytest.mark.parametrize("target", [0.05, 0.3, 1.0, 3.0])
+def test_search_finds_the_smallest_rung_that_meets_the_target(target):
+    ladder = list(SEARCH_MEAN_K)
+    evaluate, asked = trial_at(lambda k: 40.0 / k ** 1.5)  # falls as k grows: 0.22% at 48, 2.2% at 10
+    result = search(ladder, evaluate, target)
+    meeting = [k for k in ladder if 40.0 / k ** 1.5 <= target]
+    expected = meeting[0] if meeting else ladder[-1]
+    assert result.chosen.mean_k_budget == expected and result.met == bool(meeting)
+    assert len(asked) <= math.ceil(math.log2(len(ladder) + 1)) and len(set(asked)) == len(asked)
+    record = result.provenance(ladder, "text")
+    assert record["chosen_mean_k"] == expected and [t["mean_k_budget"] for t in record["trials"]] == asked
+
+
+def test_an_unreachable_target_gives_the_densest_file_marked_missed():
+    evaluate, asked = trial_at(lambda k: 5.0)
+    result = search([16, 24, 32], evaluate, 1.0)
+    assert not result.met and result.chosen.mean_k_budget == 32 and asked[-1] == 32
+
+
+def test_the_ladder_stays_inside_the_candidates():
+    assert search_ladder([8, 16, 24, 32]) == [16, 20, 24, 28, 32]
+    assert search_ladder([8, 12]) == []
+
+
+def test_bad_target_arguments_are_refused_before_the_weights_load(tmp_path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "load_weights", no_weights)
+    out = ["--model", MODEL, "--out", str(tmp_path / "x.json")]
+    assert "--target-loss searches the budget; drop --k" in refusal([*out, "--target-loss", "--k", "32"])
+    assert "drop --budget-k" in refusal([*out, "--target-loss", "1", "--budget-k", "32"])
+    assert "give a loss above 0%" in refusal([*out, "--target-loss", "0"])
+    assert "no mean k the search tries" in refusal([*out, "--target-loss", "--budget-candidates", "8,12"])
+    data = tmp_path / "mine.txt"
+    data.write_text("\n\n".join(f"Paragraph {i} of the user's own text." for i in range(40)))
+    assert "also calibration --data" in refusal([*out, "--data", str(data), "--eval-data", str(data)])
+    assert "--eval-data: " in refusal([*out, "--eval-data", str(tmp_path / "missing.txt")])
+    assert "--model and --out required" in refusal([])
+    assert "--show " in refusal(["--show", str(tmp_path / "missing.json")])
+
+
+# ------------------------------------------------------------------ a real search
+
+
+@pytest.fixture(scope="module")
+def target_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("target") / "target.json"
+    proc = cli(*TARGET_RUN, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_the_file_is_the_sparsest_trial_that_met_the_target(target_run):
+    out, proc = target_run
+    raw = json.loads(out.read_text())
+    target = raw["provenance"]["target"]
+    trials = {t["mean_k_budget"]: t for t in target["trials"]}
+    assert 1 <= len(trials) <= 3 and set(trials) <= set(search_ladder([8, 16, 24, 32]))
+    met = sorted(k for k, t in trials.items() if t["loss_pct"] <= 0.05)
+    assert target["met"] == bool(met) and target["chosen_mean_k"] == (met[0] if met else max(trials))
+    chosen = trials[target["chosen_mean_k"]]
+    # The chosen trial is the file: its k, its own held-out record.
+    assert raw["target_k"] == target["chosen_mean_k"] and raw["provenance"]["budget"]["mean_k_budget"] == raw["target_k"]
+    assert raw["provenance"]["heldout"]["perplexity"]["loss_pct"] == chosen["loss_pct"]
+    assert raw["provenance"]["heldout"]["element_density"] == chosen["element_density"]
+    for k in trials:
+        assert f"mean k {k}: held-out loss" in proc.stdout  # each trial reported as it finished
+    assert "target       held-out loss <= +0.05%" in proc.stdout
+
+
+def test_the_recorded_loss_is_what_a_fresh_perplexity_run_measures(target_run):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+
+    out, _ = target_run
+    file = load_threshold_file(out)
+    _, tokenizer, model = calibrate.load_model(MODEL)
+    windows, _ = accuracy.perplexity_windows(tokenizer, 256, 1)  # the BBC held-out split, as calibration held out
+    fresh = accuracy.perplexity_eval(model, windows, file, ("dense", "topt"), block_size=file.compensation.block_size,
+                                     progress=False)
+    recorded = file.provenance.heldout["perplexity"]
+    assert fresh["dense"]["ppl"] == pytest.approx(recorded["dense"], rel=1e-6)
+    assert fresh["topt"]["ppl"] == pytest.approx(recorded["topt"], rel=1e-6)
+    assert fresh["topt"]["density"]["element_density"] == pytest.approx(recorded["element_density"], rel=1e-9)
+
+
+def test_show_prints_the_loss_and_the_search(target_run):
+    out, _ = target_run
+    proc = cli("--show", str(out))
+    assert proc.returncode == 0, proc.stderr
+    file = load_threshold_file(out)
+    trials = file.provenance.target["trials"]
+    assert "loss         perplexity" in proc.stdout and "target       held-out loss <= +0.05%" in proc.stdout
+    for t in trials:
+        assert f"mean k {t['mean_k_budget']:>4}: loss {t['loss_pct']:+.2f}%" in proc.stdout
+    assert "calibrated to <= +0.05%" in describe(file)  # the start-up log's line
+
+
+def test_an_interrupted_search_resumes_from_its_finished_trials(tmp_path, target_run):
+    reference, _ = target_run
+    out = tmp_path / "target.json"
+    args = [*TARGET_RUN, "--out", str(out)]
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "calibration.calibrate", *args], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        first = None
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:
+            if ": held-out loss" in line:
+                first = line.split(":")[1].strip()  # "mean k 24"
+                break
+            assert time.monotonic() < deadline
+        assert first is not None, err_path.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130)
+    if proc.returncode == 0:
+        pytest.fail("the search finished before it could be interrupted; the test needs a longer run")
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{first}: calibrating" not in resumed.stderr  # the finished trial was not run again
+    assert f"{first}: held-out loss" in resumed.stdout  # but it is reported and counted
+    a, b = json.loads(reference.read_text()), json.loads(out.read_text())
+    assert b["thresholds"] == a["thresholds"] and b["provenance"]["target"] == a["provenance"]["target"]
+    assert not calibrate.checkpoint_path(Path(out)).exists()
