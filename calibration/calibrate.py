@@ -356,6 +356,7 @@ class Plan:
     heldout_data: str  # what the held-out sequences are (the split, or --eval-data)
     checkpoint: Checkpoint
     identity: ModelIdentity  # what the file will record as the model it was made for
+    sequences_run: int = 0  # by this process, every phase (for the summary's time per sequence)
 
     @property
     def num_layers(self) -> int:
@@ -520,6 +521,7 @@ def run_sequences(model, sequences, session, plan: Plan, phase: str, scored: boo
                     # Only the attention statistics matter: skip the [T, vocab] logits (1.6 GB at 8k for SmolLM2).
                     model(torch.tensor([sequences[i]], device=plan.device), use_cache=False, logits_to_keep=1)
                 plan.checkpoint.save(phase, i + 1, session)
+                plan.sequences_run += 1
     finally:
         set_session(None)
 
@@ -706,7 +708,7 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
     print(f"  grid         {grids}; beyond: {file.extrapolation}")
     print(f"  data         {file.provenance.data}")
     print(f"  calibration  {file.provenance.num_sequences} sequences x {file.provenance.max_seq_len} tokens "
-          f"on {plan.device} ({plan.dtype}), {seconds_per_seq:.1f} s per sequence")
+          f"on {plan.device} ({plan.dtype}), {seconds_per_seq:.1f} s per sequence run (every phase)")
     print(f"  held-out     {heldout['num_sequences']} sequences: mean kept {heldout['mean_kept_per_row']:.1f} per row, "
           f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f}); "
           f"elements {heldout['element_density']:.1%}, V rows {heldout['v_row_density']:.1%}, "
@@ -765,16 +767,16 @@ def main(argv=None) -> None:
     model = load_weights(args.model, plan.device, DTYPES[plan.dtype])
     try:
         run_start = time.monotonic()
-        done_before = plan.checkpoint.sequences_done()
         file, heldout = run(plan, config, model)
     except KeyboardInterrupt:
-        done = plan.checkpoint.sequences_done()
-        print(f"\n{PROG}: interrupted after {done} of {len(plan.calibration) + len(plan.heldout)} sequences; "
-              f"{plan.checkpoint.path} holds them. Continue with the same command plus --resume.", file=sys.stderr)
+        trials = len(plan.checkpoint.state.get("trials", {}))
+        kept = f"{plan.checkpoint.sequences_done()} sequences" + (f" and {trials} finished trials" if trials else "")
+        print(f"\n{PROG}: interrupted; {plan.checkpoint.path} holds {kept}. Continue with the same command plus "
+              "--resume.", file=sys.stderr)
         raise SystemExit(130) from None
-    ran = len(plan.calibration) + len(plan.heldout) - done_before
     save_result(file, plan.out)
-    print_summary(file, heldout, plan, time.monotonic() - start, (time.monotonic() - run_start) / max(ran, 1))
+    seconds_per_seq = (time.monotonic() - run_start) / max(plan.sequences_run, 1)
+    print_summary(file, heldout, plan, time.monotonic() - start, seconds_per_seq)
 
 
 if __name__ == "__main__":
