@@ -597,7 +597,7 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
     k, layer_k = args.k, dict(args.layer_k)
     if allocation is not None:
         k = allocation.budget_k
-        layer_k = {layer: layer_k for layer, layer_k in allocation.layer_k.items() if layer_k != k}
+        layer_k = {layer: own_k for layer, own_k in allocation.layer_k.items() if own_k != k}
     rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons, k, layer_k)
     session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, rules, device=plan.device,
                                  topk_during_calibration=not args.no_topk_during_calibration,
