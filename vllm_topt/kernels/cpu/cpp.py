@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -40,9 +41,19 @@ def code_defines() -> list[str]:
             + [f"-DTOPT_VMC_SCOPE_{v.name}={v.code}" for v in VmcScope] + [f"-DTOPT_MAX_BLOCK_SIZE={MAX_BLOCK_SIZE}"])
 
 
+# Set to 1, the process loads a build that times the kernel's phases (csrc/topt_cpu.cpp, TOPT_PHASES;
+# read with `phase_profile`): for benchmarks/profile_cpu.py, not for serving. Its own extension name.
+PROFILE_ENV = "VLLM_TOPT_CPU_PROFILE"
+
+
+def profiling() -> bool:
+    return os.environ.get(PROFILE_ENV, "0") == "1"
+
+
 def compiler_flags() -> list[str]:
     # -fopenmp: ATen's parallel_for is an OpenMP region compiled into this extension.
-    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", *code_defines()]
+    profile = ["-DTOPT_PROFILE_PHASES"] if profiling() else []
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", *code_defines(), *profile]
 
 
 @functools.lru_cache(maxsize=1)
@@ -143,6 +154,15 @@ def team_counts(reset: bool = False):
     op = load_extension().team_counts.default
     names = [r.name for r in op._schema.returns]
     return collections.namedtuple("TeamCounts", names)(*op(reset))
+
+
+def phase_profile(reset: bool = False) -> tuple[dict[str, float], int]:
+    """The profile build's phase times so far ({phase: seconds}, summed over threads; "call" is the
+    calling thread's wall time in the op) and the calls timed; `reset` zeroes them after reading."""
+    if not profiling():
+        raise RuntimeError(f"the phase profile needs the profile build: set {PROFILE_ENV}=1 before the kernel loads")
+    names, nanoseconds, calls = load_extension().phase_profile.default(reset)
+    return {name: ns * 1e-9 for name, ns in zip(names.split(","), nanoseconds)}, calls
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:

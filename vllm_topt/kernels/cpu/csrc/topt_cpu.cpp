@@ -64,6 +64,53 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Where a call's time goes (benchmarks/profile_cpu.py). Only the profile build
+// (-DTOPT_PROFILE_PHASES, cpp.py under VLLM_TOPT_CPU_PROFILE=1) times anything:
+// each scope marked TOPT_PHASE adds its nanoseconds, summed over threads, to its
+// phase; "call" is the calling thread's wall time from entry to return.
+#define TOPT_PHASES(X) X(call) X(entry) X(scores) X(softmax) X(combine) X(wait) X(select) X(gather) \
+  X(compensation) X(finish) X(exit)
+#define TOPT_PHASE_ENUM(name) kPhase_##name,
+#define TOPT_PHASE_NAME(name) #name,
+enum Phase : int { TOPT_PHASES(TOPT_PHASE_ENUM) kNumPhases };
+constexpr const char* kPhaseNames[] = {TOPT_PHASES(TOPT_PHASE_NAME)};
+std::atomic<int64_t> g_phase_ns[kNumPhases];
+std::atomic<int64_t> g_profiled_calls{0};
+
+#ifdef TOPT_PROFILE_PHASES
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(Phase phase) : phase_(phase), start_(Clock::now()) {}
+  ~PhaseTimer() {
+    g_phase_ns[phase_].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start_).count(),
+                                 std::memory_order_relaxed);
+  }
+
+ private:
+  Phase phase_;
+  Clock::time_point start_;
+};
+#define TOPT_PHASE_CAT(a, b) a##b
+#define TOPT_PHASE_VAR(line) TOPT_PHASE_CAT(topt_phase_timer_, line)
+#define TOPT_PHASE(name) PhaseTimer TOPT_PHASE_VAR(__LINE__)(kPhase_##name)
+// entry and exit span two functions: the calling thread's last mark (the call's
+// start, then the parallel region's end) ends them.
+thread_local Clock::time_point t_phase_mark;
+#define TOPT_PHASE_MARK() (t_phase_mark = Clock::now())
+#define TOPT_PHASE_SINCE_MARK(name)                                                                              \
+  g_phase_ns[kPhase_##name].fetch_add(                                                                          \
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t_phase_mark).count(),                \
+      std::memory_order_relaxed)
+#else
+#define TOPT_PHASE(name) ((void)0)
+#define TOPT_PHASE_MARK() ((void)0)
+#define TOPT_PHASE_SINCE_MARK(name) ((void)0)
+#endif
+
 // One step of a spin-wait. Never sched_yield(): with another process on the
 // core, the kernel hands that process the core for its whole time slice
 // (milliseconds, against a ~0.1 ms layer call), which made a busy machine cost
@@ -203,16 +250,59 @@ inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound
 // block, or null) into L1: blocks sit at scattered addresses, so the hardware
 // prefetcher cannot run ahead of the block table, and one core's K stream is
 // otherwise bound by its miss latency.
+#if defined(__AVX512F__)
+// AVX-512: HG heads against the Z * 16 keys of a strip, HG x Z accumulators (at
+// most 24 of the 32 registers) across the d-loop. A whole 128-key row of the
+// block is one strip, so the block streams row after row (512 contiguous bytes
+// per dim); the first head group also prefetches the same row of `next` into L2.
+template <int BS, int Z, int HG>
+inline void strip_scores_512(const float* q, int64_t d, const float* kb, float* s, int64_t s_stride,
+                             const float* next) {
+  __m512 acc[HG][Z];
+  for (int h = 0; h < HG; ++h)
+    for (int z = 0; z < Z; ++z) acc[h][z] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    const float* krow = kb + c * BS;
+    if (next != nullptr) {
+      for (int z = 0; z < Z; ++z) _mm_prefetch(reinterpret_cast<const char*>(next + c * BS + 16 * z), _MM_HINT_T1);
+    }
+    __m512 x[HG];
+    for (int h = 0; h < HG; ++h) x[h] = _mm512_set1_ps(q[h * d + c]);
+    for (int z = 0; z < Z; ++z) {
+      const __m512 k = _mm512_loadu_ps(krow + 16 * z);
+      for (int h = 0; h < HG; ++h) acc[h][z] = _mm512_fmadd_ps(x[h], k, acc[h][z]);
+    }
+  }
+  for (int h = 0; h < HG; ++h)
+    for (int z = 0; z < Z; ++z) _mm512_storeu_ps(s + h * s_stride + 16 * z, acc[h][z]);
+}
+#endif
+
 template <typename T, int BS>
 void block_scores(const float* q, const T* kb, float* s, int64_t G, int64_t d, int64_t s_stride, const T* next) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && BS % 16 == 0) {
+    constexpr int kStrip = BS < 128 ? BS : 128;  // keys per strip: 8 registers at most
+    constexpr int Z = kStrip / 16;
+    for (int t0 = 0; t0 < BS; t0 += kStrip) {
+      const float* next_strip = next != nullptr ? next + t0 : nullptr;
+      int64_t g = 0;
+      for (; g + 3 <= G; g += 3, next_strip = nullptr)
+        strip_scores_512<BS, Z, 3>(q + g * d, d, kb + t0, s + g * s_stride + t0, s_stride, next_strip);
+      if (G - g == 2) strip_scores_512<BS, Z, 2>(q + g * d, d, kb + t0, s + g * s_stride + t0, s_stride, next_strip);
+      if (G - g == 1) strip_scores_512<BS, Z, 1>(q + g * d, d, kb + t0, s + g * s_stride + t0, s_stride, next_strip);
+    }
+    return;
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float> && BS % 32 == 0) {
     for (int t0 = 0; t0 < BS; t0 += 32) {
       if (next != nullptr) {
         for (int64_t c = 0; c < d; ++c) {
           const float* p = next + c * BS + t0;
-          _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T1);
         }
       }
       int64_t g = 0;
@@ -356,13 +446,17 @@ void score_chunk(const Problem<T>& P, const Task& task, Partial* part) {
                         ? P.key_cache + table[blk + 1] * P.cache_block_stride + task.h * P.cache_head_stride
                         : nullptr;
     float* sb = s0 + blk * P.bs;
-    switch (P.bs) {
-      case 32: block_scores<T, 32>(q, kb, sb, P.G, P.d, stride, next); break;
-      case 64: block_scores<T, 64>(q, kb, sb, P.G, P.d, stride, next); break;
-      case 128: block_scores<T, 128>(q, kb, sb, P.G, P.d, stride, next); break;
-      default: block_scores_any<T>(q, kb, sb, P.G, P.d, P.bs, stride);
+    {
+      TOPT_PHASE(scores);
+      switch (P.bs) {
+        case 32: block_scores<T, 32>(q, kb, sb, P.G, P.d, stride, next); break;
+        case 64: block_scores<T, 64>(q, kb, sb, P.G, P.d, stride, next); break;
+        case 128: block_scores<T, 128>(q, kb, sb, P.G, P.d, stride, next); break;
+        default: block_scores_any<T>(q, kb, sb, P.G, P.d, P.bs, stride);
+      }
     }
     // Online softmax over the chunk while the block's scores are still in L1.
+    TOPT_PHASE(softmax);
     const int64_t rows = std::min(P.bs, n - blk * P.bs);
     for (int64_t g = 0; g < P.G; ++g) {
       float* sg = sb + g * stride;
@@ -470,33 +564,38 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
   std::vector<float> dropped(block_vmc ? G * (task.blk_end - task.blk_begin) : 0);
   for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
     const int64_t j0 = blk * bs, rows = std::min(bs, n - j0), i = blk - task.blk_begin;
-    std::fill(need, need + rows, 0);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* sg = s0 + g * stride + j0;
-      const float bound = heads[g].bound;
-      for (int64_t t = 0; t < rows; ++t) need[t] |= sg[t] > bound;
-    }
-    int64_t needed = 0;
-    for (int64_t t = 0; t < rows; ++t) needed += need[t];
-    if (needed == 0) {  // the whole V page stays unread; every head dropped all of its mass
-      for (int64_t g = 0; block_vmc && g < G; ++g)
-        dropped[g * (task.blk_end - task.blk_begin) + i] = std::exp(P.lse_row(task.b, task.h, g)[blk] - heads[g].max);
-      continue;
-    }
-    *rows_read += needed;
-    *blocks_read += 1;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* sg = s0 + g * stride + j0;
-      const KeptWeights kw = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
-      part[g].kept += kw.kept;
-      part[g].kept_exp_sum += kw.kept_sum;
-      if (block_vmc) dropped[g * (task.blk_end - task.blk_begin) + i] = kw.dropped_sum;
-    }
-    const T* vb = P.value_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
     int64_t num_rows = 0;
-    for (int64_t t = 0; t < rows; ++t) row_ids[num_rows] = static_cast<int32_t>(t), num_rows += need[t];
+    {
+      TOPT_PHASE(select);
+      std::fill(need, need + rows, 0);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* sg = s0 + g * stride + j0;
+        const float bound = heads[g].bound;
+        for (int64_t t = 0; t < rows; ++t) need[t] |= sg[t] > bound;
+      }
+      int64_t needed = 0;
+      for (int64_t t = 0; t < rows; ++t) needed += need[t];
+      if (needed == 0) {  // the whole V page stays unread; every head dropped all of its mass
+        for (int64_t g = 0; block_vmc && g < G; ++g)
+          dropped[g * (task.blk_end - task.blk_begin) + i] = std::exp(P.lse_row(task.b, task.h, g)[blk] - heads[g].max);
+        continue;
+      }
+      *rows_read += needed;
+      *blocks_read += 1;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* sg = s0 + g * stride + j0;
+        const KeptWeights kw = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
+        part[g].kept += kw.kept;
+        part[g].kept_exp_sum += kw.kept_sum;
+        if (block_vmc) dropped[g * (task.blk_end - task.blk_begin) + i] = kw.dropped_sum;
+      }
+      for (int64_t t = 0; t < rows; ++t) row_ids[num_rows] = static_cast<int32_t>(t), num_rows += need[t];
+    }
+    TOPT_PHASE(gather);
+    const T* vb = P.value_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
     accumulate_rows(vb, row_ids, num_rows, weights.data(), bs, o, G, d);
   }
+  TOPT_PHASE(compensation);
   if (block_vmc) {
     std::fill(mean_sum, mean_sum + G * d, 0.f);
     for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
@@ -676,10 +775,6 @@ TeamPolicy& team_policy() {
   return policy;
 }
 
-using Clock = std::chrono::steady_clock;
-
-inline double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
 // One parallel region per call, no barrier between phases. Threads claim
 // tasks in order from shared counters (a thread that the OS deschedules holds
 // at most one task, and the others take the rest); the thread that finishes
@@ -703,11 +798,13 @@ void run(Problem<T>& P) {
   std::unique_ptr<std::atomic<int64_t>[]> values_left(new std::atomic<int64_t>[BH]);
   std::unique_ptr<std::atomic<bool>[]> combined(new std::atomic<bool>[BH]);
   auto combine_group = [&](int64_t bh) {
+    TOPT_PHASE(combine);
     const int64_t t0 = first_task[bh];
     for (int64_t g = 0; g < G; ++g)
       heads[bh * G + g] = combine_head(P, bh / P.Hkv, bh % P.Hkv, g, &parts[t0 * G], first_task[bh + 1] - t0, G);
   };
   auto finish = [&](int64_t bh) {
+    TOPT_PHASE(finish);
     finish_group(P, bh, first_task[bh], first_task[bh + 1], heads.data(), parts.data(), partial_out.data(),
                  P.vmc ? partial_mean.data() : nullptr, rows_read.data(), blocks_read.data());
   };
@@ -726,6 +823,7 @@ void run(Problem<T>& P) {
   double caller_waited = 0;
   Clock::time_point caller_done;
   const Clock::time_point start = Clock::now();
+  TOPT_PHASE_SINCE_MARK(entry);
 #pragma omp parallel num_threads(threads)
   {
     const bool caller = omp_get_thread_num() == 0;
@@ -742,6 +840,7 @@ void run(Problem<T>& P) {
       const Task& task = tasks[i];
       const int64_t bh = task.b * P.Hkv + task.h;
       if (!combined[bh].load(std::memory_order_acquire)) {
+        TOPT_PHASE(wait);
         const Clock::time_point wait_start = Clock::now();
         while (!combined[bh].load(std::memory_order_acquire)) cpu_relax();
         if (caller) caller_waited += seconds_since(wait_start);
@@ -754,6 +853,7 @@ void run(Problem<T>& P) {
     if (caller) caller_done = Clock::now();
   }
   const double team_seconds = seconds_since(start);
+  TOPT_PHASE_MARK();
   const double caller_working = std::chrono::duration<double>(caller_done - start).count() - caller_waited;
   const int64_t all_blocks = 2 * P.seq_block_offset[P.B] * P.Hkv;
   policy.record(threads, team_seconds,
@@ -783,6 +883,8 @@ Totals topt_decode(
     const std::optional<torch::Tensor>& theta_in, bool theta_by_length,
     const std::optional<torch::Tensor>& v_block_sums_in, int64_t k, int64_t placement, int64_t sdc, bool vmc,
     int64_t vmc_scope, double scale, double soft_cap) {
+  TOPT_PHASE(call);
+  TOPT_PHASE_MARK();
   TORCH_CHECK(placement == kPostSoftmax || placement == kPreSoftmax, "unknown placement code ", placement);
   TORCH_CHECK(vmc_scope == kVmcSequence || vmc_scope == kVmcBlock, "unknown VMC scope code ", vmc_scope);
   TORCH_CHECK(sdc == kSdcNone || sdc == kSdcExact || sdc == kSdcExpThreshold, "unknown SDC code ", sdc);
@@ -857,6 +959,10 @@ Totals topt_decode(
   else TORCH_CHECK(false, "unsupported KV cache dtype ", dtype);
   for (int64_t i = 0; i < B * Hkv; ++i)
     for (int j = 0; j < kNumCounts; ++j) totals[j] += counts[i * kNumCounts + j];
+  TOPT_PHASE_SINCE_MARK(exit);
+#ifdef TOPT_PROFILE_PHASES
+  g_profiled_calls.fetch_add(1, std::memory_order_relaxed);
+#endif
   return {totals[0], totals[1], totals[2], totals[3], totals[4], totals[5], totals[6]};
 }
 
@@ -891,6 +997,18 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> team_counts(bool reset) {
   return counts;
 }
 
+// The phase profile so far (see TOPT_PHASES): phase names (comma-separated), nanoseconds per
+// phase, calls timed; all zero unless built with -DTOPT_PROFILE_PHASES. `reset` zeroes it after reading.
+std::tuple<std::string, std::vector<int64_t>, int64_t> phase_profile(bool reset) {
+  std::string names;
+  std::vector<int64_t> ns(kNumPhases);
+  for (int i = 0; i < kNumPhases; ++i) {
+    names += (i ? "," : "") + std::string(kPhaseNames[i]);
+    ns[i] = reset ? g_phase_ns[i].exchange(0) : g_phase_ns[i].load();
+  }
+  return {names, ns, reset ? g_profiled_calls.exchange(0) : g_profiled_calls.load()};
+}
+
 void set_team_mode(const std::string& mode) {
   using Mode = TeamPolicy::Mode;
   TORCH_CHECK(mode == "adaptive" || mode == "team" || mode == "solo", "team mode: adaptive, team or solo, not ", mode);
@@ -910,4 +1028,5 @@ TORCH_LIBRARY(vllm_topt, m) {
   m.impl("update_v_block_sums", torch::kCPU, &update_v_block_sums);
   m.def("team_counts(bool reset) -> (int team_calls, int lost_team_calls, int lost_windows, int solo_calls)", &team_counts);
   m.def("set_team_mode(str mode) -> ()", &set_team_mode);
+  m.def("phase_profile(bool reset) -> (str phases, int[] nanoseconds, int calls)", &phase_profile);
 }
