@@ -82,7 +82,7 @@ def assert_counts_close(fast: DensityCounts, ref: DensityCounts, slack: int = 2)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=rule_id)
-@pytest.mark.parametrize("H,H_kv", [(8, 2), (4, 4), (9, 3)])
+@pytest.mark.parametrize("H,H_kv", [(8, 2), (4, 4), (9, 3), (14, 2), (10, 2)])  # G = 4, 1, 3, 7, 5
 def test_matches_reference_random(decode, rule, H, H_kv):
     d, bs, scale = 64, 32, 0.125 * 3
     keys, values = random_sequences(LENGTHS, H_kv, d, seed=H * 10 + H_kv)

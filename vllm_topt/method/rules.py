@@ -9,6 +9,7 @@ device counter tensors. There is no other definition.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,8 +18,8 @@ import torch
 class _Coded(str, enum.Enum):
     """A string-valued enum whose kernel code is its position in the declaration."""
 
-    @property
-    def code(self) -> int:
+    @functools.cached_property
+    def code(self) -> int:  # cached: the decode path reads it for every layer call
         return list(type(self)).index(self)
 
     def __str__(self) -> str:
@@ -116,8 +117,8 @@ class DensityCounts:
     thresholded_target: int = 0
 
     def add(self, other: "DensityCounts") -> "DensityCounts":
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name in COUNTER_FIELDS:  # not fields(): this runs for every layer call
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     def as_dict(self) -> dict:

@@ -162,6 +162,26 @@ inline __m256 exp8_nonpositive(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes (same polynomial).
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+#endif
+
 inline float hsum8(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -181,11 +201,18 @@ inline float hmax8(__m256 v) {
 inline float row_max(const float* s, int64_t n) {
   float mx = kNegInf;
   int64_t t = 0;
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 m = _mm512_loadu_ps(s);
+    for (t = 16; t + 16 <= n; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
+    mx = _mm512_reduce_max_ps(m);
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if (n >= 8) {
-    __m256 m = _mm256_loadu_ps(s);
-    for (t = 8; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
-    mx = hmax8(m);
+  if (n - t >= 8) {
+    __m256 m = _mm256_loadu_ps(s + t);
+    for (t += 8; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    mx = std::max(mx, hmax8(m));
   }
 #endif
   for (; t < n; ++t) mx = std::max(mx, s[t]);
@@ -196,11 +223,18 @@ inline float row_max(const float* s, int64_t n) {
 inline float exp_sum(const float* s, int64_t n, float m) {
   float sum = 0.f;
   int64_t t = 0;
+#if defined(__AVX512F__)
+  const __m512 mv16 = _mm512_set1_ps(m);
+  __m512 acc16 = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16)
+    acc16 = _mm512_add_ps(acc16, exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv16)));
+  sum = _mm512_reduce_add_ps(acc16);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 mv = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
   for (; t + 8 <= n; t += 8) acc = _mm256_add_ps(acc, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)));
-  sum = hsum8(acc);
+  sum += hsum8(acc);
 #endif
   for (; t < n; ++t) sum += exp_nonpositive(s[t] - m);
   return sum;
@@ -216,6 +250,22 @@ inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound
   int64_t kept = 0;
   float sum = 0.f, dropped = 0.f;
   int64_t t = 0;
+#if defined(__AVX512F__)
+  const __m512 mv16 = _mm512_set1_ps(m), bv16 = _mm512_set1_ps(bound);
+  __m512 acc16 = _mm512_setzero_ps(), acc16_dropped = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    const __m512 x = _mm512_loadu_ps(s + t);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, bv16, _CMP_GT_OQ);
+    const __m512 all = exp16_nonpositive(_mm512_sub_ps(x, mv16));
+    const __m512 e = _mm512_maskz_mov_ps(keep, all);
+    _mm512_storeu_ps(w + t, e);
+    acc16 = _mm512_add_ps(acc16, e);
+    acc16_dropped = _mm512_mask_add_ps(acc16_dropped, static_cast<__mmask16>(~keep), acc16_dropped, all);
+    kept += __builtin_popcount(keep);
+  }
+  sum = _mm512_reduce_add_ps(acc16);
+  dropped = _mm512_reduce_add_ps(acc16_dropped);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 mv = _mm256_set1_ps(m), bv = _mm256_set1_ps(bound);
   __m256 acc = _mm256_setzero_ps(), acc_dropped = _mm256_setzero_ps();
@@ -229,8 +279,8 @@ inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound
     acc_dropped = _mm256_add_ps(acc_dropped, _mm256_andnot_ps(keep, all));
     kept += __builtin_popcount(_mm256_movemask_ps(keep));
   }
-  sum = hsum8(acc);
-  dropped = hsum8(acc_dropped);
+  sum += hsum8(acc);
+  dropped += hsum8(acc_dropped);
 #endif
   for (; t < n; ++t) {
     const bool keep = s[t] > bound;
@@ -543,10 +593,29 @@ void accumulate_rows(const T* vb, const int32_t* rows, int64_t num_rows, const f
   }
 }
 
+// VMC's sums of one V block into the chunk's mean_sum (see value_chunk): block
+// scope adds dropped[g] / rows x the block's V sum per head, sequence scope the sum.
+inline void add_block_sums(const float* block_sum, const float* dropped, float inv_rows, bool block_vmc, int64_t G,
+                           int64_t d, float* mean_sum) {
+  if (!block_vmc) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) mean_sum[c] += block_sum[c];
+    return;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float w = dropped[g] * inv_rows;
+    float* mg = mean_sum + g * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) mg[c] += w * block_sum[c];
+  }
+}
+
 // Phase B: Σ_j exp(s_j - M) v_j over the kept elements of one chunk, reading
 // only V rows kept by some head of the group. o: [G][d] partial output;
 // mean_sum: VMC's V sums, [d] Σ of the chunk's block V sums (sequence scope) or
-// [G][d] Σ_b (dropped exp-sum of block b) · mean(V of b) per head (block scope).
+// [G][d] Σ_b (dropped exp-sum of block b) · mean(V of b) per head (block scope),
+// added block by block (the sums sit at scattered addresses: the next block's
+// are prefetched while this one's rows are read).
 template <typename T>
 void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, Partial* part, float* o,
                  float* mean_sum, int64_t* rows_read, int64_t* blocks_read) {
@@ -555,15 +624,19 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
   const float* s0 = P.score_row(task.b, task.h, 0);
   const int64_t stride = P.num_blocks(task.b) * bs;
   const bool block_vmc = P.block_vmc(task.b);
+  const bool vmc = P.vmc && P.thresholded(task.b);
   std::fill(o, o + G * d, 0.f);
+  if (vmc) std::fill(mean_sum, mean_sum + (block_vmc ? G * d : d), 0.f);
   for (int64_t g = 0; g < G; ++g) part[g].kept_exp_sum = 0.f, part[g].dropped_exp_sum = 0.f, part[g].kept = 0;
   uint8_t need[kMaxBlockSize];
   int32_t row_ids[kMaxBlockSize];
-  std::vector<float> weights(G * bs);
-  // Block-wise VMC: per head, each block's dropped Σ exp(s - M), [G][chunk blocks].
-  std::vector<float> dropped(block_vmc ? G * (task.blk_end - task.blk_begin) : 0);
+  std::vector<float> weights(G * bs), dropped(G);  // dropped: block-wise VMC, per head, Σ exp(s - M) dropped
+  auto block_sum = [&](int64_t blk) { return P.v_block_sums + table[blk] * P.sums_block_stride + task.h * d; };
   for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
-    const int64_t j0 = blk * bs, rows = std::min(bs, n - j0), i = blk - task.blk_begin;
+    const int64_t j0 = blk * bs, rows = std::min(bs, n - j0);
+    if (vmc && blk + 1 < task.blk_end) {
+      for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(block_sum(blk + 1) + c);
+    }
     int64_t num_rows = 0;
     {
       TOPT_PHASE(select);
@@ -573,50 +646,31 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
         const float bound = heads[g].bound;
         for (int64_t t = 0; t < rows; ++t) need[t] |= sg[t] > bound;
       }
-      int64_t needed = 0;
-      for (int64_t t = 0; t < rows; ++t) needed += need[t];
-      if (needed == 0) {  // the whole V page stays unread; every head dropped all of its mass
-        for (int64_t g = 0; block_vmc && g < G; ++g)
-          dropped[g * (task.blk_end - task.blk_begin) + i] = std::exp(P.lse_row(task.b, task.h, g)[blk] - heads[g].max);
-        continue;
-      }
-      *rows_read += needed;
-      *blocks_read += 1;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* sg = s0 + g * stride + j0;
-        const KeptWeights kw = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
-        part[g].kept += kw.kept;
-        part[g].kept_exp_sum += kw.kept_sum;
-        if (block_vmc) dropped[g * (task.blk_end - task.blk_begin) + i] = kw.dropped_sum;
-      }
       for (int64_t t = 0; t < rows; ++t) row_ids[num_rows] = static_cast<int32_t>(t), num_rows += need[t];
+      if (num_rows == 0) {  // the whole V page stays unread; every head dropped all of its mass
+        for (int64_t g = 0; block_vmc && g < G; ++g)
+          dropped[g] = std::exp(P.lse_row(task.b, task.h, g)[blk] - heads[g].max);
+      } else {
+        *rows_read += num_rows;
+        *blocks_read += 1;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* sg = s0 + g * stride + j0;
+          const KeptWeights kw = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
+          part[g].kept += kw.kept;
+          part[g].kept_exp_sum += kw.kept_sum;
+          dropped[g] = kw.dropped_sum;
+        }
+      }
     }
+    if (vmc) {
+      TOPT_PHASE(compensation);
+      for (int64_t g = 0; block_vmc && g < G; ++g) part[g].dropped_exp_sum += dropped[g];
+      add_block_sums(block_sum(blk), dropped.data(), 1.f / static_cast<float>(rows), block_vmc, G, d, mean_sum);
+    }
+    if (num_rows == 0) continue;
     TOPT_PHASE(gather);
     const T* vb = P.value_cache + table[blk] * P.cache_block_stride + task.h * P.cache_head_stride;
     accumulate_rows(vb, row_ids, num_rows, weights.data(), bs, o, G, d);
-  }
-  TOPT_PHASE(compensation);
-  if (block_vmc) {
-    std::fill(mean_sum, mean_sum + G * d, 0.f);
-    for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
-      const float* sb = P.v_block_sums + table[blk] * P.sums_block_stride + task.h * d;
-      const float inv_rows = 1.f / static_cast<float>(std::min(bs, n - blk * bs));
-      for (int64_t g = 0; g < G; ++g) {
-        const float x = dropped[g * (task.blk_end - task.blk_begin) + blk - task.blk_begin];
-        part[g].dropped_exp_sum += x;
-        const float w = x * inv_rows;
-        float* mg = mean_sum + g * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) mg[c] += w * sb[c];
-      }
-    }
-  } else if (P.vmc && P.thresholded(task.b)) {
-    std::fill(mean_sum, mean_sum + d, 0.f);
-    for (int64_t blk = task.blk_begin; blk < task.blk_end; ++blk) {
-      const float* sb = P.v_block_sums + table[blk] * P.sums_block_stride + task.h * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) mean_sum[c] += sb[c];
-    }
   }
 }
 
