@@ -14,7 +14,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 4
 export VLLM_CPU_OMP_THREADS_BIND ?= $(shell $(PYTHON) -c "import os; c = sorted(os.sched_getaffinity(0)); \
 	print(','.join(map(str, c)) if 2 <= len(c) <= 4 else 'auto')")
 
-.PHONY: setup serve test calibrate-default calibrate-quality clean
+.PHONY: setup serve test calibrate-default calibrate-quality bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ calibrate-quality: setup
 	$(VPY) -m calibration.calibrate --model $(MODEL) --name smollm2-135m-instruct --target-loss 0.12 \
 		--vmc-scope block --num-seqs 40 --seq-len 1024 --heldout-seqs 8 \
 		--out configs/smollm2-135m-instruct.k48.post-softmax.quality.json
+
+# The CPU speed regression run (kernel tables of SmolLM2 and Qwen2.5-Coder-0.5B at both files, idle and
+# busy, and the server at 8k, batch 8, distinct prompts), against the targets: about 35 minutes on 2 cores.
+bench-cpu: setup
+	$(VPY) scripts/build_model.py qwen2.5-coder-0.5b-instruct
+	$(VPY) benchmarks/regression_cpu.py
 
 clean:
 	rm -rf $(VENV) models .cache

@@ -13,7 +13,8 @@ batch size. Batch row i holds the first `context - i` tokens and decodes the
 query captured at that position. One timed "step" runs attention for every
 layer in turn, so the working set is the whole model's KV cache, not one
 layer's sitting in the last-level cache. All three paths read the same cache in
-the same run; the table gives the median step time, the ratio to CPU_ATTN, the
+the same run, taking turns step by step (a shared VM's speed drifts over
+seconds; turns give every path the same drift); the table gives the median step time, the ratio to CPU_ATTN, the
 densities TOPT achieved (SPEC §7) and its deviation from dense attention, and
 SPEC §5's ceiling for the measured V-row density, (|K| + |V|) / (|K| + ρ|V|),
 with the fraction of it reached.
@@ -33,8 +34,8 @@ state update and the builder's check), beside the step times above.
 `--load 0 1` times every case on an idle machine and again with one competing
 single-threaded busy process (started and stopped by the script), as a server's
 other processes and tenants compete for the cores. The kernel sizes its thread
-team per call (csrc/topt_cpu.cpp, TeamPolicy): "solo %" is the share of TOPT's
-calls it ran on the calling thread alone, and `--fixed-team` also times TOPT
+team per call (csrc/topt_cpu.cpp, TeamPolicy): "solo %" is the share of the
+TOPT paths' calls it ran on the calling thread alone, and `--fixed-team` also times TOPT
 with the whole team on every call, same run, for what the adaptive team buys.
 `--bind` pins the OpenMP threads one per core, as `vllm serve` does
 (OMP_PROC_BIND/OMP_PLACES from VLLM_CPU_OMP_THREADS_BIND); without it the OS
@@ -224,13 +225,33 @@ def ceiling(v_row_density: float) -> float:
 
 
 def time_steps(fn, repeats: int) -> float:
-    fn()  # warm-up (first touch, lazy tables)
-    times = []
+    return time_interleaved({"step": fn}, repeats)["step"]
+
+
+def time_interleaved(steps: dict, repeats: int) -> dict:
+    """Median seconds of each step, the steps taking turns repeat by repeat: a shared VM's speed drifts
+    over seconds, and turns give every path the same drift (one path's repeats in a row gave the
+    same case 2.9-4.3 ms from run to run)."""
+    for fn in steps.values():
+        fn()  # warm-up (first touch, lazy tables)
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_team_mode(mode: str, fn):
+    """`fn` run with the kernel's thread team fixed to `mode`, the adaptive team restored after."""
+    def run():
+        set_team_mode(mode)
+        try:
+            fn()
+        finally:
+            set_team_mode("adaptive")
+    return run
 
 
 def layer_rules(path: str | None, num_layers: int, num_heads: int):
@@ -269,9 +290,9 @@ def mixed_timings(batch: Batch, scale: float, rules, tables, dense_rules, dense_
     server_part = (rows_of(batch, served), rules, tables, served)
     dense_part = (rows_of(batch, dense), dense_rules, [None] * len(rules), dense)
     outputs = [torch.empty(bsz, H, d) for _ in rules]
-    t_mixed = time_steps(functools.partial(mixed_step, [server_part, dense_part], scale, outputs), repeats)
-    t_server_rows = time_steps(functools.partial(mixed_step, [server_part], scale, outputs), repeats)
-    return t_mixed, t_server_rows
+    t = time_interleaved({"mixed": functools.partial(mixed_step, [server_part, dense_part], scale, outputs),
+                          "server rows": functools.partial(mixed_step, [server_part], scale, outputs)}, repeats)
+    return t["mixed"], t["server rows"]
 
 
 def run(args) -> list[dict]:
@@ -295,28 +316,26 @@ def run(args) -> list[dict]:
         out_dense = [torch.empty(bsz, H, d) for _ in range(L)]
         out_off = [torch.empty(bsz, H, d) for _ in range(L)]
         out_topt = [torch.empty(bsz, H, d) for _ in range(L)]
+        out_also = [torch.empty(bsz, H, d) for _ in range(L)] if args.also_thresholds else None
+        out_block = [torch.empty(bsz, H, d) for _ in range(L)] if args.block_vmc else None
+        steps = {
+            "dense": functools.partial(dense_step, batch, scale, out_dense),
+            "off": functools.partial(topt_step, batch, scale, dense_rules, [None] * L, out_off),
+            "topt": functools.partial(topt_step, batch, scale, rules, tables, out_topt),
+        }
+        if args.fixed_team:
+            steps["fixed"] = with_team_mode("team", functools.partial(topt_step, batch, scale, rules, tables,
+                                                                      out_topt))
+        if args.also_thresholds:
+            steps["also"] = functools.partial(topt_step, batch, scale, also_rules, also_tables, out_also)
+        if args.block_vmc:
+            steps["block"] = functools.partial(topt_step, batch, scale, block_rules, tables, out_block)
         with competing_load(load):
-            t_dense = time_steps(functools.partial(dense_step, batch, scale, out_dense), args.repeats)
-            t_off = time_steps(functools.partial(topt_step, batch, scale, dense_rules, [None] * L, out_off),
-                               args.repeats)
             team_counts(reset=True)
-            t_topt = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt), args.repeats)
-            calls = team_counts(reset=True)
-            if args.fixed_team:
-                set_team_mode("team")
-                try:
-                    t_fixed = time_steps(functools.partial(topt_step, batch, scale, rules, tables, out_topt),
-                                         args.repeats)
-                finally:
-                    set_team_mode("adaptive")
-            if args.also_thresholds:
-                out_also = [torch.empty(bsz, H, d) for _ in range(L)]
-                t_also = time_steps(functools.partial(topt_step, batch, scale, also_rules, also_tables, out_also),
-                                    args.repeats)
-            if args.block_vmc:
-                out_block = [torch.empty(bsz, H, d) for _ in range(L)]
-                t_block = time_steps(functools.partial(topt_step, batch, scale, block_rules, tables, out_block),
-                                     args.repeats)
+            t = time_interleaved(steps, args.repeats)
+            calls = team_counts(reset=True)  # every adaptive-team call of the TOPT paths
+            t_dense, t_off, t_topt = t["dense"], t["off"], t["topt"]
+            t_fixed, t_also, t_block = t.get("fixed"), t.get("also"), t.get("block")
             if args.dense_requests and bsz > args.dense_requests:
                 mixed = mixed_timings(batch, scale, rules, tables, dense_rules, args.dense_requests, args.repeats,
                                       H, d)
@@ -433,7 +452,7 @@ def main(argv=None) -> None:
               f"{torch.get_num_threads()} threads, {binding_label()}; TOPT x = CPU_ATTN time / TOPT time; "
               f"err = relative L2 deviation from CPU_ATTN's output; load = competing busy processes; "
               f"ceiling = SPEC §5 bound at the measured V-row density; "
-              f"solo % = TOPT calls the adaptive team ran on the calling thread alone")
+              f"solo % = TOPT paths' calls the adaptive team ran on the calling thread alone")
     print_table(rows, header)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
