@@ -242,54 +242,59 @@ inline float exp_sum(const float* s, int64_t n, float m) {
 
 struct KeptWeights {
   int64_t kept;
-  float kept_sum, dropped_sum;  // Σ exp(s - m) over the kept and over the dropped elements
+  float kept_sum;  // Σ exp(s - m) over the kept elements
 };
 
-// w[t] = s[t] > bound ? exp(s[t] - m) : 0 for t < n.
+// w[t] = s[t] > bound ? exp(s[t] - m) : 0 for t < n. exp runs only where a
+// lane is kept: most lanes of a read page are dropped (a page is read for one
+// kept row of one head), and short rows, whose pages are nearly all read, are
+// bound by this arithmetic rather than by memory.
 inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound, float m) {
   int64_t kept = 0;
-  float sum = 0.f, dropped = 0.f;
+  float sum = 0.f;
   int64_t t = 0;
 #if defined(__AVX512F__)
   const __m512 mv16 = _mm512_set1_ps(m), bv16 = _mm512_set1_ps(bound);
-  __m512 acc16 = _mm512_setzero_ps(), acc16_dropped = _mm512_setzero_ps();
+  __m512 acc16 = _mm512_setzero_ps();
   for (; t + 16 <= n; t += 16) {
     const __m512 x = _mm512_loadu_ps(s + t);
     const __mmask16 keep = _mm512_cmp_ps_mask(x, bv16, _CMP_GT_OQ);
-    const __m512 all = exp16_nonpositive(_mm512_sub_ps(x, mv16));
-    const __m512 e = _mm512_maskz_mov_ps(keep, all);
+    if (keep == 0) {
+      _mm512_storeu_ps(w + t, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 e = _mm512_maskz_mov_ps(keep, exp16_nonpositive(_mm512_sub_ps(x, mv16)));
     _mm512_storeu_ps(w + t, e);
     acc16 = _mm512_add_ps(acc16, e);
-    acc16_dropped = _mm512_mask_add_ps(acc16_dropped, static_cast<__mmask16>(~keep), acc16_dropped, all);
     kept += __builtin_popcount(keep);
   }
   sum = _mm512_reduce_add_ps(acc16);
-  dropped = _mm512_reduce_add_ps(acc16_dropped);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 mv = _mm256_set1_ps(m), bv = _mm256_set1_ps(bound);
-  __m256 acc = _mm256_setzero_ps(), acc_dropped = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps();
   for (; t + 8 <= n; t += 8) {
     const __m256 x = _mm256_loadu_ps(s + t);
     const __m256 keep = _mm256_cmp_ps(x, bv, _CMP_GT_OQ);
-    const __m256 all = exp8_nonpositive(_mm256_sub_ps(x, mv));
-    const __m256 e = _mm256_and_ps(keep, all);
+    const int keep_bits = _mm256_movemask_ps(keep);
+    if (keep_bits == 0) {
+      _mm256_storeu_ps(w + t, _mm256_setzero_ps());
+      continue;
+    }
+    const __m256 e = _mm256_and_ps(keep, exp8_nonpositive(_mm256_sub_ps(x, mv)));
     _mm256_storeu_ps(w + t, e);
     acc = _mm256_add_ps(acc, e);
-    acc_dropped = _mm256_add_ps(acc_dropped, _mm256_andnot_ps(keep, all));
-    kept += __builtin_popcount(_mm256_movemask_ps(keep));
+    kept += __builtin_popcount(keep_bits);
   }
   sum += hsum8(acc);
-  dropped += hsum8(acc_dropped);
 #endif
   for (; t < n; ++t) {
     const bool keep = s[t] > bound;
-    const float e = exp_nonpositive(s[t] - m);
-    w[t] = keep ? e : 0.f;
+    w[t] = keep ? exp_nonpositive(s[t] - m) : 0.f;
     kept += keep;
-    (keep ? sum : dropped) += e;
+    sum += w[t];
   }
-  return {kept, sum, dropped};
+  return {kept, sum};
 }
 
 // Scores of G query heads against one K block stored [d][BS]. Heads go in
@@ -658,7 +663,9 @@ void value_chunk(const Problem<T>& P, const Task& task, const HeadState* heads, 
           const KeptWeights kw = kept_weights(sg, weights.data() + g * bs, rows, heads[g].bound, heads[g].max);
           part[g].kept += kw.kept;
           part[g].kept_exp_sum += kw.kept_sum;
-          dropped[g] = kw.dropped_sum;
+          // What the page's heads dropped: its whole exp-sum (phase A) less what they kept.
+          if (block_vmc)
+            dropped[g] = std::max(0.f, std::exp(P.lse_row(task.b, task.h, g)[blk] - heads[g].max) - kw.kept_sum);
         }
       }
     }
