@@ -297,14 +297,17 @@ inline KeptWeights kept_weights(const float* s, float* w, int64_t n, float bound
   return {kept, sum};
 }
 
-// Scores of G query heads against one K block stored [d][BS]. Heads go in
-// pairs and keys in 32-wide strips, so 2 x 4 accumulators of 8 lanes stay in
-// registers across the d-loop and hide the FMA latency; the block (in L1) is
-// re-read once per pair. s[g * s_stride + t] receives q_g . k_t. The first
-// pass over each strip also prefetches the same strip of `next` (the next K
-// block, or null) into L1: blocks sit at scattered addresses, so the hardware
-// prefetcher cannot run ahead of the block table, and one core's K stream is
-// otherwise bound by its miss latency.
+// Scores of G query heads against one K block stored [d][BS]:
+// s[g * s_stride + t] receives q_g . k_t. The first pass over the block also
+// prefetches `next` (the next K block, or null) into L2: blocks sit at
+// scattered addresses, so the hardware prefetcher cannot run ahead of the
+// block table, and one core's K stream is otherwise bound by its miss latency
+// (into L1, the two blocks did not fit beside each other: 2 x 32 KiB).
+// AVX2 (no AVX-512): heads in pairs and keys in 32-wide strips, so 2 x 4
+// accumulators of 8 lanes stay in registers across the d-loop; the block (in
+// L1) is re-read once per pair. The profile (benchmarks/profile_cpu.py) found
+// this loop at 80% of the kernel's time on a Zen 5 core, at 40% of its read
+// bandwidth: it was bound by instructions, not by memory.
 #if defined(__AVX512F__)
 // AVX-512: HG heads against the Z * 16 keys of a strip, HG x Z accumulators (at
 // most 24 of the 32 registers) across the d-loop. A whole 128-key row of the
