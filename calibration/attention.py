@@ -6,7 +6,11 @@ RoPE already applied by the model), then, depending on the session's mode:
 
 - "collect": records, for every row with n > k, the (k+1)-th largest element
   in the placement's domain, and (with top-k during calibration) cuts the row
-  to its exact top-k so later layers see sparsified inputs (SPEC §6);
+  to its exact top-k so later layers see sparsified inputs (SPEC §6). With
+  `keep_mass` P the recorded element is instead the largest one outside the
+  row's top-P set (the fewest largest elements whose dense p sums to P), and
+  the cut keeps that set: a head whose rows are flat gets a lower θ, so keeps
+  more, than a head whose rows are peaked;
 - "apply": applies calibrated thresholds as serving does and counts kept
   elements per row (the held-out check);
 - "topk": keeps exactly the k largest elements of every row with n > k (the
@@ -49,6 +53,7 @@ class CalibrationSession:
     rules: list[ToptRule]  # per layer
     mode: str = "collect"
     topk_during_calibration: bool = True
+    keep_mass: float | None = None  # "collect": calibrate to each row's top-P set instead of its top-k
     tables: list[LayerThresholds | None] | None = None  # "apply" mode
     # Sums over samples of the (k+1)-th largest value, per (layer, head, n-1).
     value_sum: torch.Tensor = field(init=False)
@@ -164,7 +169,7 @@ def _attend_rows(session, layer, q, k_all, v_all, v_prefix, r0, scale, num_kv_he
         domain = p if rule.placement == "post-softmax" else scores
         short = (n <= rule.k).to(q.device)  # rows with n <= k stay dense
         if session.mode == "collect":
-            keep, theta = _collect_and_cut(session, layer, rule, domain, n, short)
+            keep, theta = _collect_and_cut(session, layer, rule, domain, n, short, p)
         elif session.mode == "topk":
             keep, theta = _topk_keep(domain, rule.k, causal, short)
             _count_density(session, layer, keep, rule, shape)
@@ -266,16 +271,21 @@ def _block_means(dropped_p, v_all, v_prefix, n, block_size):
     return means + last_share * (last_mean - full_mean[:, :, last])
 
 
-def _collect_and_cut(session, layer, rule, domain, n, short):
-    """Record the (k+1)-th largest element of each long row (n > k).
+def _collect_and_cut(session, layer, rule, domain, n, short, p):
+    """Record the (k+1)-th largest element of each long row (n > k), or with `keep_mass` the largest
+    element outside its top-P set.
 
-    Returns the keep mask (exact top-k per long row when cutting, None for
-    dense) and the per-row cut value, which stands in for θ in compensation.
+    Returns the keep mask (exact top-k, or top-P set, per long row when
+    cutting, None for dense) and the per-row cut value, which stands in for θ
+    in compensation.
     """
     k = rule.k
     if bool(short.all()):
         return None, domain.amax(dim=-1)
-    kth1 = torch.topk(domain, k + 1, dim=-1).values[..., k]  # leaves exactly k strictly above
+    if session.keep_mass is None:
+        kth1 = torch.topk(domain, k + 1, dim=-1).values[..., k]  # leaves exactly k strictly above
+    else:
+        kth1 = mass_cut(p, domain, session.keep_mass)
     long = ~short
     samples = kth1[:, :, long].double()  # [B, H, rows with n > k]
     index = (n[long.cpu()] - 1).to(session.value_sum.device)
@@ -287,6 +297,15 @@ def _collect_and_cut(session, layer, rule, domain, n, short):
     keep = domain > kth1[..., None]
     keep[:, :, short] = True  # n <= k rows stay dense (masked positions carry p = 0 / s = -inf)
     return keep, kth1
+
+
+def mass_cut(p, domain, mass: float) -> torch.Tensor:
+    """Per row, the domain value of the largest element outside the row's top-`mass` set: the fewest
+    largest elements whose p sums to at least `mass` lie strictly above it."""
+    values, index = p.sort(dim=-1, descending=True)
+    inside = (values.cumsum(dim=-1) - values) < mass  # the larger elements hold less than `mass`
+    first_out = inside.sum(dim=-1, keepdim=True).clamp(max=p.shape[-1] - 1)
+    return domain.gather(-1, index.gather(-1, first_out))[..., 0]
 
 
 def _topk_keep(domain, k, causal, short, top=None):

@@ -87,6 +87,8 @@ PROG = "vllm-topt-calibrate"
 DEFAULT_K = 32
 STD_WEIGHT = 0.1  # the paper's mean + 0.1·std
 SMOOTH_HALF_WIDTH = 0.15  # smoothing window in ln(n) on each side of a grid point
+KEEP_MASS_RULE = ("θ(layer, head, n) from the largest element outside each row's top-P set (the fewest largest "
+                  "elements whose dense attention mass reaches P), mean + 0.1·std as for top-k")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = {"cuda": "bfloat16", "cpu": "float32"}
 
@@ -156,6 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-objective", choices=list(OBJECTIVES), default=DEFAULT_OBJECTIVE,
                    help="what the allocation minimises: each layer's attention-output error relative to that output "
                         "(attention), or its change to the residual stream relative to the stream (residual)")
+    p.add_argument("--keep-mass", type=float, default=None, metavar="P",
+                   help="calibrate each head's θ to the row's top-P set (the fewest largest elements holding "
+                        "attention mass P, e.g. 0.9) instead of its top-k: heads with flat rows keep more; "
+                        "rows with n <= --k stay dense")
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
                    help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
     p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
@@ -189,6 +195,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                           ("--layer-k", args.layer_k)) if value]
         if given:
             raise CalibrationError(f"--target-loss searches the budget; drop {given[0]} (or drop --target-loss)")
+    if args.keep_mass is not None:
+        if not 0 < args.keep_mass < 1:
+            raise CalibrationError(f"--keep-mass {args.keep_mass}: give an attention mass between 0 and 1, e.g. 0.9")
+        given = [flag for flag, value in (("--budget-k", args.budget_k), ("--target-loss", args.target_loss),
+                                          ("--layer-k", args.layer_k)) if value]
+        if given:
+            raise CalibrationError(f"--keep-mass sets every head's budget from its own rows; drop {given[0]} "
+                                   "(or drop --keep-mass)")
     if args.k is None:
         args.k = DEFAULT_K if args.budget_k is None else args.budget_k  # the file's target_k
     return args
@@ -431,7 +445,7 @@ def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
         "--budget-candidates": args.budget_candidates if args.budget_k or args.target_loss else None,
         "--budget-seqs": args.budget_seqs if args.budget_k or args.target_loss else None,
         "--budget-objective": args.budget_objective if args.budget_k or args.target_loss else None,
-        "--target-loss": args.target_loss,
+        "--target-loss": args.target_loss, "--keep-mass": args.keep_mass,
         "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
         "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
     }
@@ -601,7 +615,7 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
     rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons, k, layer_k)
     session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, rules, device=plan.device,
                                  topk_during_calibration=not args.no_topk_during_calibration,
-                                 block_size=args.block_size)
+                                 block_size=args.block_size, keep_mass=args.keep_mass)
     run_sequences(model, plan.calibration, session, plan, f"{phase_prefix}calibrating")
     grids = layer_grids(rules, args.seq_len, args.grid_points)
     thresholds = aggregate(session, rules, grids, args.placement)
@@ -632,6 +646,8 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
             dtype=plan.dtype,
         ),
     )
+    if args.keep_mass is not None:
+        file.provenance.keep_mass = {"mass": args.keep_mass, "rule": KEEP_MASS_RULE}  # type: ignore[attr-defined]
     if allocation is not None:
         file.provenance.budget = allocation.provenance(args.budget_seqs, args.seq_len)  # type: ignore[attr-defined]
     heldout = heldout_check(model, file, rules, plan, dense_ppl, f"{phase_prefix}held-out check")

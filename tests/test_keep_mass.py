@@ -1,0 +1,58 @@
+"""--keep-mass: thresholds calibrated to each row's top-P set instead of its top-k.
+
+The cut is checked against its definition on random rows; the CLI's refusals
+come before the weights load; a small real SmolLM2 run shows the per-head
+effect the rule exists for: heads differ in how much they keep.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_calibration import MODEL, cli, refusal
+from vllm_topt.calibration import calibrate
+from vllm_topt.calibration.attention import mass_cut
+
+
+@pytest.mark.parametrize("mass", [0.5, 0.9, 0.99])
+def test_the_cut_leaves_the_fewest_largest_elements_holding_the_mass(mass):
+    torch.manual_seed(0)
+    scores = torch.randn(3, 4, 50, 200) * torch.linspace(0.5, 4, 4)[None, :, None, None]  # flat to peaked heads
+    p = torch.softmax(scores, dim=-1)
+    cut = mass_cut(p, p, mass)
+    kept = p > cut[..., None]
+    kept_mass = (p * kept).sum(dim=-1)
+    assert bool((kept_mass >= mass - 1e-6).all())  # the set holds the mass
+    smallest_kept = p.masked_fill(~kept, 2.0).amin(dim=-1)
+    assert bool((kept_mass - smallest_kept < mass).all())  # and no smaller set of the largest does
+    pre = mass_cut(p, scores, mass)  # pre-softmax: the same element, read in the score domain
+    assert torch.equal(scores > pre[..., None], kept)
+
+
+def test_bad_keep_mass_arguments_are_refused_before_the_weights_load(tmp_path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "load_weights", no_weights)
+    out = ["--model", MODEL, "--out", str(tmp_path / "x.json")]
+    assert "between 0 and 1" in refusal([*out, "--keep-mass", "1"])
+    assert "between 0 and 1" in refusal([*out, "--keep-mass", "0"])
+    assert "drop --budget-k" in refusal([*out, "--keep-mass", "0.9", "--budget-k", "32"])
+    assert "drop --layer-k" in refusal([*out, "--keep-mass", "0.9", "--layer-k", "0:64"])
+
+
+def test_a_keep_mass_file_keeps_more_in_flat_heads(tmp_path):
+    out = tmp_path / "mass.json"
+    proc = cli("--model", MODEL, "--num-seqs", "2", "--seq-len", "256", "--heldout-seqs", "1", "--k", "16",
+               "--keep-mass", "0.9", "--vmc-scope", "block", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = json.loads(out.read_text())
+    assert raw["provenance"]["keep_mass"]["mass"] == 0.9
+    # θ at the longest grid point, per head of a middle layer: a top-k file's heads sit near one another
+    # (each keeps k), a top-P file's spread over orders of magnitude (each keeps what holds its mass).
+    layer = raw["thresholds"][len(raw["thresholds"]) // 2]
+    last = torch.tensor([head[-1] for head in layer])
+    assert float(last.max() / last.min()) > 10
