@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import perplexity_windows  # noqa: E402
 
 from vllm_topt.calibration import attention  # noqa: E402
-from vllm_topt.calibration.attention import CalibrationSession, set_session  # noqa: E402
+from vllm_topt.calibration.attention import CalibrationSession, mass_cut, set_session  # noqa: E402
 from vllm_topt.calibration.calibrate import load_model  # noqa: E402
 from vllm_topt.calibration.loss import perplexity, window_nll  # noqa: E402
 from vllm_topt.config.thresholds import load_threshold_file  # noqa: E402
@@ -68,12 +67,7 @@ def rule_keep(rule: str):
     if name == "topp":
         mass = float(arg[0])
 
-        def topp(domain, causal, n):
-            values, index = domain.sort(dim=-1, descending=True)
-            before = values.cumsum(dim=-1) - values  # mass of the larger elements
-            keep_sorted = before < mass
-            return torch.zeros_like(keep_sorted).scatter_(-1, index, keep_sorted) & causal
-        return topp
+        return lambda domain, causal, n: (domain > mass_cut(domain, domain, mass)[..., None]) & causal
     raise SystemExit(f"unknown rule {rule!r}: fixed:K, ratio:R, topp:P or layer:L:K")
 
 

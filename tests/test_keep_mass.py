@@ -1,8 +1,8 @@
 """--keep-mass: thresholds calibrated to each row's top-P set instead of its top-k.
 
 The cut is checked against its definition on random rows; the CLI's refusals
-come before the weights load; a small real SmolLM2 run shows the per-head
-effect the rule exists for: heads differ in how much they keep.
+come before the weights load; a small real SmolLM2 run writes a valid file whose
+layers keep unequal shares, as a mass budget does and a top-k one does not.
 """
 
 from __future__ import annotations
