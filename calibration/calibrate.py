@@ -17,9 +17,10 @@ kept/k and the densities.
 
 With --budget-k, a dense profile pass first allocates each layer's k under
 that mean (calibration/budget.py); the thresholds are then calibrated per
-layer as with --layer-k. With --target-loss, the same profile feeds a search
-over mean-k budgets for the sparsest file whose held-out perplexity loss meets
-the target (calibration/target.py); every trial is a complete calibration.
+layer as with --layer-k. With --target-loss, a search finds the sparsest file
+whose held-out perplexity loss meets the target (calibration/target.py): over
+the keep mass P of --keep-mass (the default), or with --search mean-k over
+mean-k budgets fed by the same profile; every trial is a complete calibration.
 
 Every file records its held-out perplexity loss against dense attention
 (calibration/loss.py), on the held-out split of the data or on --eval-data;
@@ -61,8 +62,8 @@ from vllm_topt.calibration.budget import (DEFAULT_CANDIDATES, DEFAULT_OBJECTIVE,
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
 from vllm_topt.calibration.domains import check_not_evaluation_text
 from vllm_topt.calibration.loss import perplexity, perplexity_entry, window_nll
-from vllm_topt.calibration.target import (DEFAULT_TARGET_LOSS_PCT, SEARCH_MEAN_K, SearchResult, Trial, search,
-                                          search_ladder)
+from vllm_topt.calibration.target import (DEFAULT_KNOB, DEFAULT_TARGET_LOSS_PCT, KNOBS, MEAN_K,
+                                          SEARCH_MEAN_K, SearchResult, Trial, knob_of, search, search_ladder)
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
 from vllm_topt.config.support import (
@@ -85,6 +86,7 @@ from vllm_topt.config.thresholds import (
 
 PROG = "vllm-topt-calibrate"
 DEFAULT_K = 32
+DEFAULT_BUDGET_SEQS = 8
 STD_WEIGHT = 0.1  # the paper's mean + 0.1·std
 SMOOTH_HALF_WIDTH = 0.15  # smoothing window in ln(n) on each side of a grid point
 KEEP_MASS_RULE = ("θ(layer, head, n) from the largest element outside each row's top-P set (the fewest largest "
@@ -145,13 +147,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-k", type=int, default=None, metavar="MEAN_K",
                    help="allocate k per layer from calibration data, at this mean k over the thresholded layers "
                         "(instead of one --k; see calibration/budget.py)")
-    p.add_argument("--budget-candidates", type=parse_layers, default=list(DEFAULT_CANDIDATES), metavar="K,...",
+    p.add_argument("--budget-candidates", type=parse_layers, default=None, metavar="K,...",
                    help=f"the k a layer may get (default {','.join(map(str, DEFAULT_CANDIDATES))})")
-    p.add_argument("--budget-seqs", type=int, default=8, help="calibration sequences the allocation profiles")
+    p.add_argument("--budget-seqs", type=int, default=None,
+                   help=f"calibration sequences the allocation profiles (default {DEFAULT_BUDGET_SEQS})")
     p.add_argument("--target-loss", type=parse_percent, nargs="?", const=DEFAULT_TARGET_LOSS_PCT, default=None,
-                   metavar="PCT", help="search the mean-k budget for the sparsest file whose held-out perplexity "
-                   "is at most PCT%% above dense (given without a value: "
-                   f"{DEFAULT_TARGET_LOSS_PCT}%%, a margin for text from other domains; see calibration/target.py)")
+                   metavar="PCT", help="search for the sparsest file whose held-out perplexity is at most PCT%% "
+                   f"above dense (given without a value: {DEFAULT_TARGET_LOSS_PCT}%%, a margin for text from other "
+                   "domains; see calibration/target.py)")
+    p.add_argument("--search", choices=list(KNOBS), default=DEFAULT_KNOB,
+                   help="what --target-loss varies: the keep mass P of --keep-mass (default; --k stays the "
+                        "dense-row limit) or the mean-k budget of --budget-k")
     p.add_argument("--eval-data", action="append", default=None, metavar="PATH",
                    help="text to measure the held-out loss on (repeatable; every document of it), instead of the "
                         "held-out split of the calibration data")
@@ -191,10 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise CalibrationError(f"--k {args.k} and --budget-k {args.budget_k}: give one (--budget-k sets the mean k "
                                "and allocates each layer's)")
     if args.target_loss is not None:
-        given = [flag for flag, value in (("--k", args.k), ("--budget-k", args.budget_k),
-                                          ("--layer-k", args.layer_k)) if value]
-        if given:
-            raise CalibrationError(f"--target-loss searches the budget; drop {given[0]} (or drop --target-loss)")
+        check_search_flags(args)
     if args.keep_mass is not None:
         if not 0 < args.keep_mass < 1:
             raise CalibrationError(f"--keep-mass {args.keep_mass}: give an attention mass between 0 and 1, e.g. 0.9")
@@ -205,7 +208,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "(or drop --keep-mass)")
     if args.k is None:
         args.k = DEFAULT_K if args.budget_k is None else args.budget_k  # the file's target_k
+    if args.budget_candidates is None:
+        args.budget_candidates = list(DEFAULT_CANDIDATES)
+    if args.budget_seqs is None:
+        args.budget_seqs = DEFAULT_BUDGET_SEQS
     return args
+
+
+def check_search_flags(args) -> None:
+    """--target-loss's flags: what each search varies may not also be fixed by hand."""
+    if args.search == "mean-k":
+        fixed = (("--k", args.k), ("--budget-k", args.budget_k), ("--layer-k", args.layer_k))
+        why = "searches the mean-k budget"
+    else:
+        fixed = (("--keep-mass", args.keep_mass), ("--budget-k", args.budget_k), ("--layer-k", args.layer_k),
+                 ("--budget-candidates", args.budget_candidates), ("--budget-seqs", args.budget_seqs),
+                 ("--budget-objective", None if args.budget_objective == DEFAULT_OBJECTIVE else args.budget_objective))
+        why = "searches the keep mass P (--search keep-mass, the default)"
+    given = [flag for flag, value in fixed if value]
+    if given:
+        other = "" if args.search == "mean-k" or given[0] == "--keep-mass" else " or add --search mean-k"
+        raise CalibrationError(f"--target-loss {why}; drop {given[0]} (or drop --target-loss{other})")
+
+
+def allocates(args) -> bool:
+    """Whether a dense profile pass allocates per-layer k (--budget-k, or --target-loss over mean k)."""
+    return args.budget_k is not None or (args.target_loss is not None and args.search == "mean-k")
 
 
 # ------------------------------------------------------------------ checks
@@ -266,7 +294,7 @@ def check_budget_args(args) -> None:
         raise CalibrationError(f"--block-size {args.block_size}: must be at least 1")
     if args.target_loss is not None:
         check_target_args(args)
-    elif args.budget_k is None:
+    if not allocates(args):
         if args.budget_objective != DEFAULT_OBJECTIVE:
             raise CalibrationError(f"--budget-objective {args.budget_objective} chooses how --budget-k allocates; "
                                    "add --budget-k MEAN_K (or drop --budget-objective)")
@@ -291,6 +319,8 @@ def check_target_args(args) -> None:
     if args.target_loss <= 0:
         raise CalibrationError(f"--target-loss {args.target_loss}: give a loss above 0%, e.g. 0.5 (dense attention "
                                "is the only file with no loss)")
+    if args.search != "mean-k":
+        return
     candidates = sorted(set(args.budget_candidates))
     if candidates and not search_ladder(candidates):
         raise CalibrationError(f"--budget-candidates {args.budget_candidates}: no mean k the search tries "
@@ -442,10 +472,11 @@ def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
         "--k": args.k, "--layer-k": sorted(args.layer_k.items()), "--dense-layers": sorted(args.dense_layers),
         "--placement": args.placement, "--sdc": args.sdc, "--no-vmc": args.no_vmc, "--vmc-scope": args.vmc_scope,
         "--block-size": args.block_size, "--budget-k": args.budget_k,
-        "--budget-candidates": args.budget_candidates if args.budget_k or args.target_loss else None,
-        "--budget-seqs": args.budget_seqs if args.budget_k or args.target_loss else None,
-        "--budget-objective": args.budget_objective if args.budget_k or args.target_loss else None,
-        "--target-loss": args.target_loss, "--keep-mass": args.keep_mass,
+        "--budget-candidates": args.budget_candidates if allocates(args) else None,
+        "--budget-seqs": args.budget_seqs if allocates(args) else None,
+        "--budget-objective": args.budget_objective if allocates(args) else None,
+        "--target-loss": args.target_loss, "--search": args.search if args.target_loss is not None else None,
+        "--keep-mass": args.keep_mass,
         "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
         "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
     }
@@ -571,41 +602,47 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
     args = plan.args
     H = text_config(config).num_attention_heads
     dense_ppl = dense_heldout_perplexity(plan, model, H)
-    errors = profile_errors(plan, model, H) if args.budget_k is not None or args.target_loss is not None else None
+    errors = profile_errors(plan, model, H) if allocates(args) else None
     if args.target_loss is not None:
-        result = target_search(plan, model, H, errors, dense_ppl)
+        knob = KNOBS[args.search]
+        ladder = search_ladder(args.budget_candidates) if knob is MEAN_K else list(knob.ladder)
+        result = target_search(plan, model, H, knob, ladder, errors, dense_ppl)
         file = ThresholdFile.model_validate_json(result.chosen.file_json)
-        file.provenance.target = result.provenance(search_ladder(args.budget_candidates), plan.heldout_data)  # type: ignore[attr-defined]
+        file.provenance.target = result.provenance(ladder, plan.heldout_data)  # type: ignore[attr-defined]
         return file, result.chosen.heldout
     allocation = None if errors is None else allocate(errors, args.budget_k, args.budget_objective)
-    return calibrate_at(plan, model, H, allocation, dense_ppl)
+    return calibrate_at(plan, model, H, allocation, dense_ppl, args.keep_mass)
 
 
-def target_search(plan: Plan, model, num_heads: int, errors, dense_ppl: float) -> SearchResult:
-    """The sparsest budget on the ladder whose file meets --target-loss; finished trials come from the checkpoint."""
+def target_search(plan: Plan, model, num_heads: int, knob, ladder: list, errors, dense_ppl: float) -> SearchResult:
+    """The sparsest rung on the ladder whose file meets --target-loss; finished trials come from the checkpoint."""
     args = plan.args
 
-    def evaluate(mean_k: int) -> Trial:
-        name = f"mean k {mean_k}"
+    def evaluate(value) -> Trial:
+        name = f"{knob.label} {value:g}"
         saved = plan.checkpoint.trial(name)
         if saved is not None:
             return Trial(**saved)
-        allocation = allocate(errors, mean_k, args.budget_objective)
-        file, heldout = calibrate_at(plan, model, num_heads, allocation, dense_ppl, phase_prefix=f"{name}: ")
-        trial = Trial(mean_k, file.model_dump_json(), heldout)
+        if knob is MEAN_K:
+            allocation, keep_mass = allocate(errors, value, args.budget_objective), None
+        else:
+            allocation, keep_mass = None, value
+        file, heldout = calibrate_at(plan, model, num_heads, allocation, dense_ppl, keep_mass,
+                                     phase_prefix=f"{name}: ")
+        trial = Trial(value, file.model_dump_json(), heldout, knob.name)
         plan.checkpoint.save_trial(name, trial.record(), [f"{name}: calibrating", f"{name}: held-out check"])
         return trial
 
     def report(trial: Trial, met: bool) -> None:
         verdict = "meets it" if met else "misses it"
-        tqdm.write(f"{PROG}: mean k {trial.mean_k_budget}: held-out loss {trial.loss_pct:+.2f}% at "
+        tqdm.write(f"{PROG}: {knob.label} {trial.value:g}: held-out loss {trial.loss_pct:+.2f}% at "
                    f"{trial.heldout['element_density']:.1%} of elements; target +{args.target_loss:g}%: {verdict}")
 
-    return search(search_ladder(args.budget_candidates), evaluate, args.target_loss, report)
+    return search(knob, ladder, evaluate, args.target_loss, report)
 
 
 def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | None, dense_ppl: float,
-                 phase_prefix: str = "") -> tuple[ThresholdFile, dict]:
+                 keep_mass: float | None, phase_prefix: str = "") -> tuple[ThresholdFile, dict]:
     """Calibrate a file (at one budget's allocation, or at the arguments' k) and check it on held-out text."""
     args = plan.args
     k, layer_k = args.k, dict(args.layer_k)
@@ -615,7 +652,7 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
     rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons, k, layer_k)
     session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, rules, device=plan.device,
                                  topk_during_calibration=not args.no_topk_during_calibration,
-                                 block_size=args.block_size, keep_mass=args.keep_mass)
+                                 block_size=args.block_size, keep_mass=keep_mass)
     run_sequences(model, plan.calibration, session, plan, f"{phase_prefix}calibrating")
     grids = layer_grids(rules, args.seq_len, args.grid_points)
     thresholds = aggregate(session, rules, grids, args.placement)
@@ -646,8 +683,8 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
             dtype=plan.dtype,
         ),
     )
-    if args.keep_mass is not None:
-        file.provenance.keep_mass = {"mass": args.keep_mass, "rule": KEEP_MASS_RULE}  # type: ignore[attr-defined]
+    if keep_mass is not None:
+        file.provenance.keep_mass = {"mass": keep_mass, "rule": KEEP_MASS_RULE}  # type: ignore[attr-defined]
     if allocation is not None:
         file.provenance.budget = allocation.provenance(args.budget_seqs, args.seq_len)  # type: ignore[attr-defined]
     heldout = heldout_check(model, file, rules, plan, dense_ppl, f"{phase_prefix}held-out check")
@@ -715,7 +752,9 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
           f"{file.model.num_kv_heads} kv heads, head {file.model.head_size}, {file.model.fingerprint})")
     layer_k = "".join(f", layer {layer}: k={k}" for layer, k in file.layer_k.items())
     vmc = f"{file.compensation.vmc_scope} VMC" if file.compensation.vmc else "no VMC"
-    print(f"  rule         k={file.target_k}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "
+    mass = file.keep_mass()
+    keep = f"keep mass {mass:g} per head, rows with n <= {file.target_k} dense" if mass is not None else f"k={file.target_k}"
+    print(f"  rule         {keep}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "
           f"{vmc}, dense: {describe_dense(plan.dense_reasons)}")
     budget = getattr(file.provenance, "budget", None)
     if budget:
@@ -725,8 +764,10 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
     print(f"  data         {file.provenance.data}")
     print(f"  calibration  {file.provenance.num_sequences} sequences x {file.provenance.max_seq_len} tokens "
           f"on {plan.device} ({plan.dtype}), {seconds_per_seq:.1f} s per sequence run (every phase)")
+    kept_over_k = ("kept/k not a target (k is the dense-row limit of a keep-mass file)" if file.keep_mass() is not None
+                   else f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f})")
     print(f"  held-out     {heldout['num_sequences']} sequences: mean kept {heldout['mean_kept_per_row']:.1f} per row, "
-          f"kept/k = {heldout['kept_over_k']:.3f} (layers: {min(ratios):.2f} .. {max(ratios):.2f}); "
+          f"{kept_over_k}; "
           f"elements {heldout['element_density']:.1%}, V rows {heldout['v_row_density']:.1%}, "
           f"V blocks {heldout['v_block_density']:.1%} ({plan.args.block_size}-token blocks)")
     for line in measured_lines(file):
@@ -745,11 +786,12 @@ def measured_lines(file: ThresholdFile) -> list[str]:
                      f"{perplexity['data']}")
     target = getattr(file.provenance, "target", None)
     if target:
-        verdict = "met" if target["met"] else "MISSED: no budget on the ladder met it"
-        lines.append(f"target       held-out loss <= +{target['target_loss_pct']:g}%: {verdict}; mean k "
-                     f"{target['chosen_mean_k']} chosen from {len(target['trials'])} trials:")
-        for t in sorted(target["trials"], key=lambda t: t["mean_k_budget"]):
-            lines.append(f"               mean k {t['mean_k_budget']:>4}: loss {t['loss_pct']:+.2f}%, elements "
+        knob = knob_of(target)
+        verdict = "met" if target["met"] else "MISSED: no rung on the ladder met it"
+        lines.append(f"target       held-out loss <= +{target['target_loss_pct']:g}%: {verdict}; {knob.label} "
+                     f"{target[f'chosen_{knob.name}']:g} chosen from {len(target['trials'])} trials:")
+        for t in sorted(target["trials"], key=lambda t: t[knob.trial_key]):
+            lines.append(f"               {knob.label} {t[knob.trial_key]:>4g}: loss {t['loss_pct']:+.2f}%, elements "
                          f"{t['element_density']:.1%}, V rows {t['v_row_density']:.1%}")
     return lines
 

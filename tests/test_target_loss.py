@@ -1,7 +1,8 @@
-"""--target-loss: the budget search, its record in the file, --show, resume, and the loss a fresh run measures.
+"""--target-loss: the search, its record in the file, --show, resume, and the loss a fresh run measures.
 
 The runs are real (SmolLM2 through transformers) at small sizes: 256-token
-sequences and candidates up to k=32, so the ladder is 16..32 (five rungs).
+sequences. The default search varies the keep mass P (twelve rungs); the
+mean-k search runs with candidates up to k=32, so its ladder is 16..32.
 """
 
 from __future__ import annotations
@@ -20,44 +21,51 @@ import pytest
 from tests.engine_run import ROOT
 from tests.test_calibration import MODEL, cli, refusal
 from vllm_topt.calibration import calibrate
-from vllm_topt.calibration.target import SEARCH_MEAN_K, Trial, search, search_ladder
+from vllm_topt.calibration.target import KEEP_MASS, MEAN_K, SEARCH_KEEP_MASS, SEARCH_MEAN_K, Trial, search, search_ladder
 from vllm_topt.config.thresholds import describe, load_threshold_file
 
-TARGET_RUN = ["--model", MODEL, "--num-seqs", "2", "--seq-len", "256", "--heldout-seqs", "1", "--budget-seqs", "1",
-              "--budget-candidates", "8,16,24,32", "--vmc-scope", "block", "--target-loss", "0.05%"]
+SMALL_RUN = ["--model", MODEL, "--num-seqs", "2", "--seq-len", "256", "--heldout-seqs", "1", "--vmc-scope", "block"]
+TARGET_RUN = [*SMALL_RUN, "--k", "16", "--target-loss", "0.05%"]  # the default search: keep mass
+MEAN_K_RUN = [*SMALL_RUN, "--search", "mean-k", "--budget-seqs", "1", "--budget-candidates", "8,16,24,32",
+              "--target-loss", "0.05%"]
 
 
 # ------------------------------------------------------------------ the search
 
 
-def trial_at(loss_of):
-    """An evaluation whose loss is loss_of(mean k); records which budgets it was asked for."""
+def trial_at(loss_of, knob=MEAN_K):
+    """An evaluation whose loss is loss_of(the knob's value); records which rungs it was asked for."""
     asked = []
 
-    def evaluate(mean_k: int) -> Trial:
-        asked.append(mean_k)
-        return Trial(mean_k, "{}", {"perplexity": {"loss_pct": loss_of(mean_k)}, "element_density": mean_k / 500,
-                                    "v_row_density": mean_k / 300})
+    def evaluate(value: float) -> Trial:
+        asked.append(value)
+        return Trial(value, "{}", {"perplexity": {"loss_pct": loss_of(value)}, "element_density": value / 500,
+                                   "v_row_density": value / 300}, knob.name)
     return evaluate, asked
 
 
 @pytest.mark.parametrize("target", [0.05, 0.3, 1.0, 3.0])
-def test_search_finds_the_smallest_rung_that_meets_the_target(target):
-    ladder = list(SEARCH_MEAN_K)
-    evaluate, asked = trial_at(lambda k: 40.0 / k ** 1.5)  # falls as k grows: 0.22% at 48, 2.2% at 10
-    result = search(ladder, evaluate, target)
-    meeting = [k for k in ladder if 40.0 / k ** 1.5 <= target]
+@pytest.mark.parametrize("knob, loss_of", [
+    (MEAN_K, lambda k: 40.0 / k ** 1.5),  # falls as k grows: 0.22% at 48, 2.2% at 10
+    (KEEP_MASS, lambda p: 0.4 * (1 - p) / (p - 0.4)),  # falls as P grows: 1.9% at 0.5, 0.02% at 0.98
+])
+def test_search_finds_the_smallest_rung_that_meets_the_target(target, knob, loss_of):
+    ladder = list(knob.ladder)
+    evaluate, asked = trial_at(loss_of, knob)
+    result = search(knob, ladder, evaluate, target)
+    meeting = [v for v in ladder if loss_of(v) <= target]
     expected = meeting[0] if meeting else ladder[-1]
-    assert result.chosen.mean_k_budget == expected and result.met == bool(meeting)
+    assert result.chosen.value == expected and result.met == bool(meeting)
     assert len(asked) <= math.ceil(math.log2(len(ladder) + 1)) and len(set(asked)) == len(asked)
     record = result.provenance(ladder, "text")
-    assert record["chosen_mean_k"] == expected and [t["mean_k_budget"] for t in record["trials"]] == asked
+    assert record["searched"] == knob.name and record[f"chosen_{knob.name}"] == expected
+    assert [t[knob.trial_key] for t in record["trials"]] == asked
 
 
 def test_an_unreachable_target_gives_the_densest_file_marked_missed():
     evaluate, asked = trial_at(lambda k: 5.0)
-    result = search([16, 24, 32], evaluate, 1.0)
-    assert not result.met and result.chosen.mean_k_budget == 32 and asked[-1] == 32
+    result = search(MEAN_K, [16, 24, 32], evaluate, 1.0)
+    assert not result.met and result.chosen.value == 32 and asked[-1] == 32
 
 
 def test_the_ladder_stays_inside_the_candidates():
@@ -71,10 +79,17 @@ def test_bad_target_arguments_are_refused_before_the_weights_load(tmp_path, monk
 
     monkeypatch.setattr(calibrate, "load_weights", no_weights)
     out = ["--model", MODEL, "--out", str(tmp_path / "x.json")]
-    assert "--target-loss searches the budget; drop --k" in refusal([*out, "--target-loss", "--k", "32"])
-    assert "drop --budget-k" in refusal([*out, "--target-loss", "1", "--budget-k", "32"])
+    mean_k = [*out, "--search", "mean-k", "--target-loss"]
+    assert "--target-loss searches the mean-k budget; drop --k" in refusal([*mean_k, "--k", "32"])
+    assert "drop --budget-k" in refusal([*mean_k, "1", "--budget-k", "32"])
+    assert "no mean k the search tries" in refusal([*mean_k, "--budget-candidates", "8,12"])
     assert "give a loss above 0%" in refusal([*out, "--target-loss", "0"])
-    assert "no mean k the search tries" in refusal([*out, "--target-loss", "--budget-candidates", "8,12"])
+    # The keep-mass search fixes P itself and allocates no per-layer k: those flags would be ignored.
+    assert "searches the keep mass P (--search keep-mass, the default); drop --keep-mass (or drop --target-loss)" \
+        in refusal([*out, "--target-loss", "--keep-mass", "0.9"])
+    for flag, value in (("--budget-candidates", "8,16"), ("--budget-seqs", "2"), ("--budget-objective", "residual")):
+        assert f"drop {flag} (or drop --target-loss or add --search mean-k)" in refusal(
+            [*out, "--target-loss", flag, value])
     data = tmp_path / "mine.txt"
     data.write_text("\n\n".join(f"Paragraph {i} of the user's own text." for i in range(40)))
     assert "also calibration --data" in refusal([*out, "--data", str(data), "--eval-data", str(data)])
@@ -94,22 +109,47 @@ def target_run(tmp_path_factory):
     return out, proc
 
 
+def chosen_trial(raw: dict, knob, ladder: list) -> dict:
+    """The file's search record checked: the sparsest trial that met the target (the densest if none did)."""
+    target = raw["provenance"]["target"]
+    trials = {t[knob.trial_key]: t for t in target["trials"]}
+    assert target["searched"] == knob.name and 1 <= len(trials) <= math.ceil(math.log2(len(ladder) + 1))
+    assert set(trials) <= set(ladder)
+    met = sorted(v for v, t in trials.items() if t["loss_pct"] <= 0.05)
+    chosen = target[f"chosen_{knob.name}"]
+    assert target["met"] == bool(met) and chosen == (met[0] if met else max(trials))
+    # The chosen trial is the file: its own held-out record.
+    assert raw["provenance"]["heldout"]["perplexity"]["loss_pct"] == trials[chosen]["loss_pct"]
+    assert raw["provenance"]["heldout"]["element_density"] == trials[chosen]["element_density"]
+    return trials
+
+
 def test_the_file_is_the_sparsest_trial_that_met_the_target(target_run):
     out, proc = target_run
     raw = json.loads(out.read_text())
-    target = raw["provenance"]["target"]
-    trials = {t["mean_k_budget"]: t for t in target["trials"]}
-    assert 1 <= len(trials) <= 3 and set(trials) <= set(search_ladder([8, 16, 24, 32]))
-    met = sorted(k for k, t in trials.items() if t["loss_pct"] <= 0.05)
-    assert target["met"] == bool(met) and target["chosen_mean_k"] == (met[0] if met else max(trials))
-    chosen = trials[target["chosen_mean_k"]]
-    # The chosen trial is the file: its k, its own held-out record.
-    assert raw["target_k"] == target["chosen_mean_k"] and raw["provenance"]["budget"]["mean_k_budget"] == raw["target_k"]
-    assert raw["provenance"]["heldout"]["perplexity"]["loss_pct"] == chosen["loss_pct"]
-    assert raw["provenance"]["heldout"]["element_density"] == chosen["element_density"]
-    for k in trials:
-        assert f"mean k {k}: held-out loss" in proc.stdout  # each trial reported as it finished
+    trials = chosen_trial(raw, KEEP_MASS, list(SEARCH_KEEP_MASS))
+    # Its P is the chosen rung's; --k stays the dense-row limit; no per-layer allocation ran.
+    assert raw["provenance"]["keep_mass"]["mass"] == raw["provenance"]["target"]["chosen_keep_mass"]
+    assert raw["target_k"] == 16 and "budget" not in raw["provenance"]
+    assert "budget profile" not in proc.stderr
+    for p in trials:
+        assert f"keep mass {p:g}: held-out loss" in proc.stdout  # each trial reported as it finished
     assert "target       held-out loss <= +0.05%" in proc.stdout
+    assert "kept/k not a target" in proc.stdout
+
+
+def test_the_mean_k_search_allocates_each_rung(tmp_path):
+    out = tmp_path / "mean_k.json"
+    proc = cli(*MEAN_K_RUN, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = json.loads(out.read_text())
+    chosen_trial(raw, MEAN_K, search_ladder([8, 16, 24, 32]))
+    target = raw["provenance"]["target"]
+    assert raw["target_k"] == target["chosen_mean_k"] and raw["provenance"]["budget"]["mean_k_budget"] == raw["target_k"]
+    assert "keep_mass" not in raw["provenance"]
+    show = cli("--show", str(out))
+    for t in target["trials"]:
+        assert f"mean k {t['mean_k_budget']:>4g}: loss {t['loss_pct']:+.2f}%" in show.stdout
 
 
 def test_the_recorded_loss_is_what_a_fresh_perplexity_run_measures(target_run):
@@ -136,8 +176,10 @@ def test_show_prints_the_loss_and_the_search(target_run):
     trials = file.provenance.target["trials"]
     assert "loss         perplexity" in proc.stdout and "target       held-out loss <= +0.05%" in proc.stdout
     for t in trials:
-        assert f"mean k {t['mean_k_budget']:>4}: loss {t['loss_pct']:+.2f}%" in proc.stdout
-    assert "calibrated to <= +0.05%" in describe(file)  # the start-up log's line
+        assert f"keep mass {t['keep_mass']:>4g}: loss {t['loss_pct']:+.2f}%" in proc.stdout
+    line = describe(file)  # the start-up log's line
+    assert "calibrated to <= +0.05%" in line and f"keep mass {file.keep_mass():g} per head" in line
+    assert "kept/k" not in line
 
 
 def test_an_interrupted_search_resumes_from_its_finished_trials(tmp_path, target_run):
@@ -154,7 +196,7 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(tmp_path, target
         deadline = time.monotonic() + 300
         for line in proc.stdout:
             if ": held-out loss" in line:
-                first = line.split(":")[1].strip()  # "mean k 24"
+                first = line.split(":")[1].strip()  # "keep mass 0.85"
                 break
             assert time.monotonic() < deadline
         assert first is not None, err_path.read_text()[-2000:]

@@ -135,6 +135,11 @@ class ThresholdFile(BaseModel):
     def is_dense_layer(self, layer: int) -> bool:
         return layer in self.dense_layers
 
+    def keep_mass(self) -> float | None:
+        """P of a file calibrated to each row's top-P set (--keep-mass); its k is then only the dense-row limit."""
+        record = getattr(self.provenance, "keep_mass", None)
+        return record["mass"] if record else None
+
     def thresholded_layers(self) -> list[int]:
         """The layers Top-θ applies to (the rest are dense: sliding-window layers, --dense-layers)."""
         return [layer for layer in range(self.model.num_layers) if not self.is_dense_layer(layer)]
@@ -261,7 +266,11 @@ def page_size_warning(thresholds: ThresholdFile, block_size: int, path: str | Pa
 def describe(thresholds: ThresholdFile) -> str:
     """One line on what a file does and what it was measured to cost, for the start-up log."""
     comp = thresholds.compensation
-    k = f"mean k={thresholds.target_k} (per-layer budget)" if thresholds.layer_k else f"k={thresholds.target_k}"
+    mass = thresholds.keep_mass()
+    if mass is not None:
+        k = f"keep mass {mass:g} per head (rows with n <= {thresholds.target_k} dense)"
+    else:
+        k = f"mean k={thresholds.target_k} (per-layer budget)" if thresholds.layer_k else f"k={thresholds.target_k}"
     vmc = "no VMC" if not comp.vmc else (
         f"block VMC at {comp.block_size or '?'}-token pages" if comp.vmc_scope is VmcScope.BLOCK else "sequence VMC")
     line = (f"{k}, {thresholds.placement}, {vmc}, {len(thresholds.thresholded_layers())} of "
@@ -280,8 +289,10 @@ def describe(thresholds: ThresholdFile) -> str:
     target = getattr(thresholds.provenance, "target", None)
     if target:
         loss += f" (calibrated to <= +{target['target_loss_pct']:g}%, {'met' if target['met'] else 'MISSED'})"
-    return f"{line}; held-out ({heldout.get('data', 'unnamed data')}): {loss}, {densities}, kept/k " \
-           f"{heldout.get('kept_over_k', float('nan')):.2f}"
+    # A keep-mass file has no k per row to keep (k is the dense-row limit): its kept count is the measure.
+    kept = (f"mean kept {heldout.get('mean_kept_per_row', float('nan')):.1f} per row" if mass is not None
+            else f"kept/k {heldout.get('kept_over_k', float('nan')):.2f}")
+    return f"{line}; held-out ({heldout.get('data', 'unnamed data')}): {loss}, {densities}, {kept}"
 
 
 def shipped_config_files() -> list[Path]:
