@@ -56,6 +56,7 @@ second token on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -242,7 +243,11 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
     """Perplexity per mode over the windows; Top-θ modes also report SPEC §7 densities.
 
     "dense": plain attention; "topt": the file's thresholds row by row (the
-    calibration attention's "apply" mode); "topk": exactly k kept per row.
+    calibration attention's "apply" mode); "topk": exactly k kept per row;
+    "topk-equal" (after "topt"): exactly k_l per row in layer l, k_l being
+    the mean that Top-θ kept on that layer's thresholded rows, so both keep
+    about as many elements per layer (the baseline for keep-mass files,
+    whose k is only the dense-row limit).
     The model must use `vllm_topt.calibration.attention` (attn_implementation "topt_calibrate").
     """
     from vllm_topt.calibration.attention import CalibrationSession, set_session
@@ -250,10 +255,15 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
     plan = file.layer_plan()
     rules, tables = [p.rule for p in plan], [p.thresholds for p in plan]
     L, H = file.model.num_layers, file.model.num_heads
-    session_mode = {"dense": "dense", "topt": "apply", "topk": "topk"}
-    results = {}
+    session_mode = {"dense": "dense", "topt": "apply", "topk": "topk", "topk-equal": "topk"}
+    results, equal_k = {}, None
     for mode in modes:
-        session = CalibrationSession(L, H, max(len(w) for w in windows), rules, mode=session_mode[mode],
+        mode_rules = rules
+        if mode == "topk-equal":
+            equal_k = equal_density_k(results["topt"]["session"], rules)
+            mode_rules = [dataclasses.replace(r, k=equal_k[layer]) if layer in equal_k else r
+                          for layer, r in enumerate(rules)]
+        session = CalibrationSession(L, H, max(len(w) for w in windows), mode_rules, mode=session_mode[mode],
                                      tables=tables, block_size=block_size)
         set_session(session)
         nll, count = 0.0, 0
@@ -273,8 +283,20 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
                 "v_block_density": c.v_block_density, "kept_over_k": c.kept_over_k, "rows": c.rows,
                 "per_layer_element_density": [x.element_density for x in session.counts_by_layer],
             }
+            row["session"] = session
+        if mode == "topk-equal":
+            row["layer_k"] = equal_k
         results[mode] = row
+    for row in results.values():
+        row.pop("session", None)
     return results
+
+
+def equal_density_k(session, rules) -> dict[int, int]:
+    """Per thresholded layer, the mean Top-θ kept per thresholded row (rows with n > k), rounded."""
+    return {layer: max(1, round(c.thresholded_kept / c.thresholded_rows))
+            for layer, (c, r) in enumerate(zip(session.counts_by_layer, rules))
+            if not r.dense and c.thresholded_rows}
 
 
 def perplexity_windows(tokenizer, window: int, count: int, data: list[str] | None = None,
@@ -436,11 +458,11 @@ def shown(path) -> str:
 
 def method_fields(backend: str, file, path, model: str) -> dict:
     base = {"model": Path(model).name, "backend": backend}
-    if backend not in ("TOPT", "topt", "topk"):  # dense attention
-        return base | {"k": None, "placement": None, "sdc": None, "vmc": None, "vmc_scope": None, "thresholds": None}
-    return base | {"k": file.target_k, "placement": file.placement, "sdc": file.compensation.sdc,
+    if backend not in ("TOPT", "topt", "topk", "topk-equal"):  # dense attention
+        return base | {"k": None, "keep_mass": None, "placement": None, "sdc": None, "vmc": None, "vmc_scope": None, "thresholds": None}
+    return base | {"k": file.target_k, "keep_mass": file.keep_mass(), "placement": file.placement, "sdc": file.compensation.sdc,
                    "vmc": file.compensation.vmc, "vmc_scope": file.compensation.vmc_scope.value,
-                   "thresholds": None if backend == "topk" else shown(path)}
+                   "thresholds": None if backend.startswith("topk") else shown(path)}
 
 
 def run_generation_task(args, tokenizer, file, path) -> list[dict]:
@@ -493,7 +515,9 @@ def run_perplexity_task(args, file, path) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     _, tokenizer, model = load_model(args.model)
-    modes = ("dense", "topt") if args.no_topk else ("dense", "topt", "topk")
+    # A keep-mass file's k is only its dense-row limit: its baseline keeps as many elements as it did.
+    baseline = "topk-equal" if file.keep_mass() is not None else "topk"
+    modes = ("dense", "topt") if args.no_topk else ("dense", "topt", baseline)
     rows = []
     # One text set at a time: the BBC/--data text (domain None), or each --domain on its own.
     for domain in args.domain or [None]:
@@ -516,6 +540,8 @@ def perplexity_rows(args, file, path, results: dict, n: int, text: str, domain: 
             "element_density": d["element_density"], "v_row_density": d["v_row_density"],
             "v_block_density": d["v_block_density"], "kept_over_k": d["kept_over_k"], "decode_rows": d["rows"],
             "per_layer_element_density": d["per_layer_element_density"]}
+        if "layer_k" in r:  # top-k at Top-θ's density: its own k per layer, and their mean
+            row |= {"k": round(sum(r["layer_k"].values()) / len(r["layer_k"])), "layer_k": r["layer_k"]}
         rows.append(row)
     return rows
 
@@ -535,7 +561,9 @@ def print_block(rows: list[dict], args, seconds: float, domain: str | None = Non
     r0 = rows[0]
     topt = next((r for r in rows if r["k"] is not None), r0)
     task = f"{args.task} [{domain}]" if domain else args.task
-    print(f"\n{task}: model {r0['model']}, k={topt['k']} {topt['placement']} sdc={topt['sdc']} "
+    rule = f"k={topt['k']}" if topt.get("keep_mass") is None else \
+        f"keep mass {topt['keep_mass']:g} (rows n <= {topt['k']} dense)"
+    print(f"\n{task}: model {r0['model']}, {rule} {topt['placement']} sdc={topt['sdc']} "
           f"vmc={topt['vmc']} ({topt['vmc_scope']}), {r0['n']} {'windows' if args.task == 'perplexity' else 'cases'}, {seconds:.0f} s")
     if args.task == "perplexity":
         print(f"text: {r0['text']}, {r0['window']}-token windows")

@@ -164,7 +164,8 @@ def test_perplexity_dense_equals_hf_and_topt_is_sparse(models):
         type("A", (), {"thresholds": str(speed), "model": str(MODEL)}), AutoConfig.from_pretrained(MODEL)
     )
     windows, _ = accuracy.perplexity_windows(tok, 96, 1)  # 96 tokens: rows 33..96 are thresholded
-    results = accuracy.perplexity_eval(topt_model, windows, file, progress=False)
+    results = accuracy.perplexity_eval(topt_model, windows, file, ("dense", "topt", "topk", "topk-equal"),
+                                       progress=False)
 
     nll, count = window_nll(eager, windows[0])
     plain_ppl = math.exp(nll / count)
@@ -183,6 +184,13 @@ def test_perplexity_dense_equals_hf_and_topt_is_sparse(models):
     # Element density by hand for top-k: rows n <= 32 keep n, rows n > 32 keep 32.
     kept = sum(min(n, 32) for n in range(1, 97))
     assert results["topk"]["density"]["element_density"] == pytest.approx(kept / (96 * 97 / 2), abs=1e-3)
+    # Top-k at Top-θ's density: each thresholded layer keeps Top-θ's mean per long row, and so about as many.
+    equal = results["topk-equal"]
+    assert set(equal["layer_k"]) == set(file.thresholded_layers())
+    assert len(set(equal["layer_k"].values())) > 1  # Top-θ kept unequal shares per layer; so does its baseline
+    topt_density = results["topt"]["density"]["element_density"]
+    assert equal["density"]["element_density"] == pytest.approx(topt_density, rel=0.05)
+    assert "session" not in results["topt"]  # the bookkeeping does not leak into the results
 
 
 def test_sweep_calibrates_each_k_and_scores_topt_topk_and_ablations(tmp_path):
@@ -222,3 +230,26 @@ def test_plot_draws_the_shipped_results(tmp_path):
     plot_accuracy.main(["--sweep", str(results / "sweep_smollm2.json"), "--tasks",
                         *map(str, sorted(results.glob("accuracy_humaneval164_qwen*.json"))), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_method_sweep_puts_keep_mass_beside_top_k_on_every_text(tmp_path):
+    """A tiny real sweep: a keep-mass file at two P and top-k at one k, on BBC, the essays and one OOD domain."""
+    import json
+
+    import method_sweep
+
+    out = tmp_path / "sweep.json"
+    method_sweep.main(["--model", str(MODEL), "--methods", "keep-mass+block", "top-k", "--ks", "16",
+                       "--masses", "0.5", "0.95", "--domains", "licences", "--windows", "1", "--window", "128",
+                       "--calib-seqs", "1", "--calib-len", "128", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    keys = {(r["method"], r["mean_k"], r["keep_mass"], r["text"]) for r in rows}
+    texts = {"bbc-heldout", "essays", "licences"}
+    assert keys == {(m, k, p, t) for t in texts for m, k, p in
+                    (("dense", None, None), ("top-k", 16, None), ("keep-mass+block", None, 0.5),
+                     ("keep-mass+block", None, 0.95))}
+    by = {(r["method"], r["keep_mass"], r["text"]): r for r in rows}
+    for text in texts:  # a larger mass keeps more elements, from its own file
+        low, high = by[("keep-mass+block", 0.5, text)], by[("keep-mass+block", 0.95, text)]
+        assert low["element_density"] < high["element_density"] < 1.0
+        assert high["thresholds"] != low["thresholds"]
