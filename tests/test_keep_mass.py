@@ -56,3 +56,18 @@ def test_a_keep_mass_file_spends_its_budget_unevenly_across_layers(tmp_path):
     per_layer = raw["provenance"]["heldout"]["kept_over_k_per_layer"].values()
     assert max(per_layer) / min(per_layer) > 1.5, sorted(per_layer)
     load_threshold_file(out)  # and it is a valid file for the backend
+
+
+def test_a_keep_mass_run_reports_its_mass_and_mean_kept_not_kept_over_k():
+    from vllm_topt import telemetry
+    from vllm_topt.method.rules import DensityCounts
+
+    # 10 long rows kept 480 elements; the file's k=16 is only where dense rows end.
+    per_layer = {0: DensityCounts(rows=12, elements_visible=6000, elements_kept=500, v_rows_visible=3000,
+                                  v_rows_read=600, v_blocks_visible=40, v_blocks_read=30, thresholded_rows=10,
+                                  thresholded_kept=480, thresholded_target=160)}
+    mass = telemetry.summary_line(per_layer, telemetry.RunMode(16, False, 1, 1, (0,), keep_mass=0.85))
+    assert "keep mass 0.85, rows with n <= 16 dense" in mass and "mean kept 48.0 on rows with n > k" in mass
+    assert "kept/k" not in mass
+    top_k = telemetry.summary_line(per_layer, telemetry.RunMode(16, False, 1, 1, (0,)))
+    assert "k=16, 1 of 1 layers thresholded" in top_k and "kept/k 3.00 on rows with n > k" in top_k

@@ -66,13 +66,16 @@ class RunMode:
     num_layers: int | None = None
     thresholded_layer_ids: tuple[int, ...] = ()  # which ones (the /metrics layer groups)
     request_modes: tuple[str, ...] = RESERVED_MODES  # the names of the mode codes (`request_modes_of`)
+    keep_mass: float | None = None  # a keep-mass file: its k is only the dense-row limit, not a count to keep
 
     def label(self) -> str:
         if self.disable_sparsity:
             return "disable_sparsity"
+        k = f"k={self.target_k}" if self.keep_mass is None else \
+            f"keep mass {self.keep_mass:g}, rows with n <= {self.target_k} dense"
         if self.num_layers is None:
-            return f"k={self.target_k}"
-        return f"k={self.target_k}, {self.thresholded_layers} of {self.num_layers} layers thresholded"
+            return k
+        return f"{k}, {self.thresholded_layers} of {self.num_layers} layers thresholded"
 
 
 # Forward passes by batch kind, counted once per step (at the first attention layer).
@@ -229,11 +232,14 @@ def _human(count: int) -> str:
 
 def summary_line(per_layer: dict[int, DensityCounts] | None = None, mode: RunMode = RunMode(None)) -> str:
     t = total(per_layer)
-    kept_over_k = "n/a" if t.kept_over_k is None else f"{t.kept_over_k:.2f}"
+    if mode.keep_mass is None:
+        kept = f"kept/k {'n/a' if t.kept_over_k is None else f'{t.kept_over_k:.2f}'}"
+    else:  # no k per row to compare with: the count itself
+        kept = f"mean kept {'n/a' if not t.thresholded_rows else f'{t.thresholded_kept / t.thresholded_rows:.1f}'}"
     return (
         f"topt: decode kept {100 * t.element_density:.1f}% of attention elements, "
         f"read {100 * t.v_row_density:.1f}% of V rows and {100 * t.v_block_density:.1f}% of V blocks "
-        f"({mode.label()}, kept/k {kept_over_k} on rows with n > k, {_human(t.rows)} rows)"
+        f"({mode.label()}, {kept} on rows with n > k, {_human(t.rows)} rows)"
     )
 
 

@@ -68,7 +68,8 @@ class ToptProcessConfig:
     def mode(self) -> telemetry.RunMode:
         thresholded = tuple(self.file.thresholded_layers())
         return telemetry.RunMode(self.file.target_k, self.options.disable_sparsity,
-                                 len(thresholded), self.file.model.num_layers, thresholded, self.mode_names)
+                                 len(thresholded), self.file.model.num_layers, thresholded, self.mode_names,
+                                 self.file.keep_mass())
 
 
 def process_config(vllm_config, num_local_heads: int) -> ToptProcessConfig:
