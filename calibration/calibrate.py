@@ -62,8 +62,9 @@ from vllm_topt.calibration.budget import (DEFAULT_CANDIDATES, DEFAULT_OBJECTIVE,
 from vllm_topt.calibration.data import Corpus, DataError, load_corpus, token_sequences
 from vllm_topt.calibration.domains import check_not_evaluation_text
 from vllm_topt.calibration.loss import perplexity, perplexity_entry, window_nll
-from vllm_topt.calibration.target import (DEFAULT_KNOB, DEFAULT_TARGET_LOSS_PCT, KNOBS, MEAN_K,
-                                          SEARCH_MEAN_K, SearchResult, Trial, knob_of, search, search_ladder)
+from vllm_topt.calibration.target import (BOTH, DEFAULT_TARGET_LOSS_PCT, KEEP_MASS, MEAN_K, SEARCH_MEAN_K, SEARCHES,
+                                          SELECTION_RULE, SearchResult, Trial, best_of, knob_of, search,
+                                          search_ladder)
 from vllm_topt.kernels.cpu.cpp import CPU_DEFAULT_BLOCK_SIZE
 from vllm_topt.method.rules import DensityCounts, Placement, Sdc, ToptRule, VmcScope, layer_rules
 from vllm_topt.config.support import (
@@ -86,6 +87,7 @@ from vllm_topt.config.thresholds import (
 
 PROG = "vllm-topt-calibrate"
 DEFAULT_K = 32
+KEEP_MASS_DENSE_ROWS = 16  # a keep-mass file's default k: rows this short stay dense
 DEFAULT_BUDGET_SEQS = 8
 STD_WEIGHT = 0.1  # the paper's mean + 0.1·std
 SMOOTH_HALF_WIDTH = 0.15  # smoothing window in ln(n) on each side of a grid point
@@ -155,9 +157,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    metavar="PCT", help="search for the sparsest file whose held-out perplexity is at most PCT%% "
                    f"above dense (given without a value: {DEFAULT_TARGET_LOSS_PCT}%%, a margin for text from other "
                    "domains; see calibration/target.py)")
-    p.add_argument("--search", choices=list(KNOBS), default=DEFAULT_KNOB,
-                   help="what --target-loss varies: the keep mass P of --keep-mass (default; --k stays the "
-                        "dense-row limit) or the mean-k budget of --budget-k")
+    p.add_argument("--search", choices=list(SEARCHES), default=BOTH,
+                   help="what --target-loss varies: the keep mass P of --keep-mass (--k stays the dense-row "
+                        "limit), the mean-k budget of --budget-k, or both, keeping the sparser file that meets "
+                        "the target (best, the default)")
     p.add_argument("--eval-data", action="append", default=None, metavar="PATH",
                    help="text to measure the held-out loss on (repeatable; every document of it), instead of the "
                         "held-out split of the calibration data")
@@ -167,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-mass", type=float, default=None, metavar="P",
                    help="calibrate each head's θ to the row's top-P set (the fewest largest elements holding "
                         "attention mass P, e.g. 0.9) instead of its top-k: heads with flat rows keep more; "
-                        "rows with n <= --k stay dense")
+                        f"rows with n <= --k stay dense (default {KEEP_MASS_DENSE_ROWS})")
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
                    help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
     p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
@@ -207,7 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise CalibrationError(f"--keep-mass sets every head's budget from its own rows; drop {given[0]} "
                                    "(or drop --keep-mass)")
     if args.k is None:
-        args.k = DEFAULT_K if args.budget_k is None else args.budget_k  # the file's target_k
+        args.k = (KEEP_MASS_DENSE_ROWS if keeps_mass(args) else
+                  DEFAULT_K if args.budget_k is None else args.budget_k)  # the file's target_k
     if args.budget_candidates is None:
         args.budget_candidates = list(DEFAULT_CANDIDATES)
     if args.budget_seqs is None:
@@ -217,23 +221,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_search_flags(args) -> None:
     """--target-loss's flags: what each search varies may not also be fixed by hand."""
-    if args.search == "mean-k":
-        fixed = (("--k", args.k), ("--budget-k", args.budget_k), ("--layer-k", args.layer_k))
-        why = "searches the mean-k budget"
+    fixed = [("--keep-mass", args.keep_mass), ("--budget-k", args.budget_k), ("--layer-k", args.layer_k)]
+    if args.search == "keep-mass":
+        fixed += [("--budget-candidates", args.budget_candidates), ("--budget-seqs", args.budget_seqs),
+                  ("--budget-objective", None if args.budget_objective == DEFAULT_OBJECTIVE else args.budget_objective)]
+        why, other = "searches the keep mass P (--search keep-mass)", " or use --search mean-k or best"
     else:
-        fixed = (("--keep-mass", args.keep_mass), ("--budget-k", args.budget_k), ("--layer-k", args.layer_k),
-                 ("--budget-candidates", args.budget_candidates), ("--budget-seqs", args.budget_seqs),
-                 ("--budget-objective", None if args.budget_objective == DEFAULT_OBJECTIVE else args.budget_objective))
-        why = "searches the keep mass P (--search keep-mass, the default)"
+        fixed.insert(0, ("--k", args.k))  # the mean-k search sets every k
+        why = "searches the mean-k budget" if args.search == "mean-k" else \
+            "runs both searches, keep mass and mean k (--search best, the default)"
+        other = "" if args.search == "mean-k" else " or search one with --search keep-mass or mean-k"
     given = [flag for flag, value in fixed if value]
     if given:
-        other = "" if args.search == "mean-k" or given[0] == "--keep-mass" else " or add --search mean-k"
+        if given[0] in ("--keep-mass", "--budget-k", "--layer-k"):
+            other = ""
         raise CalibrationError(f"--target-loss {why}; drop {given[0]} (or drop --target-loss{other})")
+
+
+def searched_knobs(args) -> tuple:
+    """The knobs --target-loss searches (none without it)."""
+    return () if args.target_loss is None else SEARCHES[args.search]
 
 
 def allocates(args) -> bool:
     """Whether a dense profile pass allocates per-layer k (--budget-k, or --target-loss over mean k)."""
-    return args.budget_k is not None or (args.target_loss is not None and args.search == "mean-k")
+    return args.budget_k is not None or MEAN_K in searched_knobs(args)
+
+
+def keeps_mass(args) -> bool:
+    """Whether the file (or a searched one) keeps each row's top-P set: --keep-mass, or --target-loss over P."""
+    return args.keep_mass is not None or KEEP_MASS in searched_knobs(args)
 
 
 # ------------------------------------------------------------------ checks
@@ -319,7 +336,7 @@ def check_target_args(args) -> None:
     if args.target_loss <= 0:
         raise CalibrationError(f"--target-loss {args.target_loss}: give a loss above 0%, e.g. 0.5 (dense attention "
                                "is the only file with no loss)")
-    if args.search != "mean-k":
+    if MEAN_K not in searched_knobs(args):
         return
     candidates = sorted(set(args.budget_candidates))
     if candidates and not search_ladder(candidates):
@@ -604,11 +621,16 @@ def run(plan: Plan, config, model) -> tuple[ThresholdFile, dict]:
     dense_ppl = dense_heldout_perplexity(plan, model, H)
     errors = profile_errors(plan, model, H) if allocates(args) else None
     if args.target_loss is not None:
-        knob = KNOBS[args.search]
-        ladder = search_ladder(args.budget_candidates) if knob is MEAN_K else list(knob.ladder)
-        result = target_search(plan, model, H, knob, ladder, errors, dense_ppl)
+        ladders = {knob: search_ladder(args.budget_candidates) if knob is MEAN_K else list(knob.ladder)
+                   for knob in searched_knobs(args)}
+        results = [target_search(plan, model, H, knob, ladder, errors, dense_ppl) for knob, ladder in ladders.items()]
+        result = best_of(results)
         file = ThresholdFile.model_validate_json(result.chosen.file_json)
-        file.provenance.target = result.provenance(ladder, plan.heldout_data)  # type: ignore[attr-defined]
+        target = result.provenance(ladders[result.knob], plan.heldout_data)
+        others = [r.provenance(ladders[r.knob], plan.heldout_data) for r in results if r is not result]
+        if others:
+            target |= {"selection": SELECTION_RULE, "other_searches": others}
+        file.provenance.target = target  # type: ignore[attr-defined]
         return file, result.chosen.heldout
     allocation = None if errors is None else allocate(errors, args.budget_k, args.budget_objective)
     return calibrate_at(plan, model, H, allocation, dense_ppl, args.keep_mass)
@@ -793,6 +815,12 @@ def measured_lines(file: ThresholdFile) -> list[str]:
         for t in sorted(target["trials"], key=lambda t: t[knob.trial_key]):
             lines.append(f"               {knob.label} {t[knob.trial_key]:>4g}: loss {t['loss_pct']:+.2f}%, elements "
                          f"{t['element_density']:.1%}, V rows {t['v_row_density']:.1%}")
+        for other in target.get("other_searches", []):
+            knob = knob_of(other)
+            chosen = next(t for t in other["trials"] if t[knob.trial_key] == other[f"chosen_{knob.name}"])
+            lines.append(f"               also searched {knob.label}: {knob.label} {chosen[knob.trial_key]:g} "
+                         f"{'met' if other['met'] else 'missed'} it at {chosen['loss_pct']:+.2f}%, elements "
+                         f"{chosen['element_density']:.1%} ({len(other['trials'])} trials); not chosen")
     return lines
 
 
