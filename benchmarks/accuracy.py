@@ -576,7 +576,8 @@ def print_block(rows: list[dict], args, seconds: float, domain: str | None = Non
             s, diff = f"{r['score']:.3f}", f"{100 * r['rel_change']:+.2f}%"
         else:
             s, diff = f"{r['correct']}/{r['n']}", f"{100 * (r['score'] - dense):+.1f}pt"
-        kk = "-" if r["kept_over_k"] is None else f"{r['kept_over_k']:.2f}"
+        # A keep-mass file's k is only its dense-row limit: kept/k says nothing there.
+        kk = "-" if r["kept_over_k"] is None or r.get("keep_mass") is not None else f"{r['kept_over_k']:.2f}"
         rows_n = "-" if r["decode_rows"] is None else str(r["decode_rows"])
         print(f"{r['backend']:<10} {s:>10} {diff:>9} {100 * r['element_density']:>8.1f}% "
               f"{100 * r['v_row_density']:>6.1f}% {100 * r['v_block_density']:>8.1f}% {kk:>7} {rows_n:>9}")

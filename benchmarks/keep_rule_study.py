@@ -1,7 +1,7 @@
 """Which keep rule travels: exact oracle rules at equal element density, per text.
 
     python benchmarks/keep_rule_study.py --model models/qwen2.5-coder-0.5b-instruct \\
-        --thresholds configs/qwen2.5-coder-0.5b-instruct.k48.post-softmax.quality.json \\
+        --thresholds benchmarks/results/qwen2.5-coder-0.5b-instruct.k48.post-softmax.former-quality.json \\
         --rules fixed:52 ratio:0.1 topp:0.9 --json benchmarks/results/keep_rule_study_qwen0.5b.json
 
 Before a calibration objective is built, this asks what an ideal rule of

@@ -62,7 +62,7 @@ KERNEL_CASES = (
                "configs/smollm2-135m-instruct.k48.post-softmax.quality.json",
                "configs/smollm2-135m-instruct.k32.post-softmax.json", "smollm2-8k.pt"),
     KernelCase("qwen0.5b", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct", (1024, 4096, 16384),
-               "configs/qwen2.5-coder-0.5b-instruct.k48.post-softmax.quality.json",
+               "configs/qwen2.5-coder-0.5b-instruct.keep-mass.post-softmax.quality.json",
                "configs/qwen2.5-coder-0.5b-instruct.k32.post-softmax.json", "qwen2.5-coder-0.5b-16k.pt"),
 )
 SERVE_MODEL = KERNEL_CASES[0]
