@@ -303,9 +303,10 @@ def shipped_config_files() -> list[Path]:
 def find_shipped_thresholds(hf_config, operating_point: str = "speed") -> Path | None:
     """The shipped threshold file for the served model at an operating point (matched by fingerprint).
 
-    "speed": the k=32 file; "quality": `*.quality.json`, calibrated to a
-    per-layer budget (mean k=48) with block-wise compensation. A shipped file
-    that does not load is an error naming it, never skipped.
+    "speed": the k=32 file; "quality": `*.quality.json`, chosen by
+    `--target-loss` (a per-layer budget or a keep mass) with block-wise
+    compensation. A shipped file that does not load is an error naming it,
+    never skipped.
     """
     fingerprint = model_fingerprint(hf_config)
     quality = operating_point == "quality"
