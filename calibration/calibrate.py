@@ -19,8 +19,9 @@ With --budget-k, a dense profile pass first allocates each layer's k under
 that mean (calibration/budget.py); the thresholds are then calibrated per
 layer as with --layer-k. With --target-loss, a search finds the sparsest file
 whose held-out perplexity loss meets the target (calibration/target.py): over
-the keep mass P of --keep-mass (the default), or with --search mean-k over
-mean-k budgets fed by the same profile; every trial is a complete calibration.
+the keep mass P of --keep-mass, over mean-k budgets fed by the same profile,
+or (the default, --search best) both, keeping the sparser file that met it;
+every trial is a complete calibration.
 
 Every file records its held-out perplexity loss against dense attention
 (calibration/loss.py), on the held-out split of the data or on --eval-data;
