@@ -54,6 +54,7 @@ class CalibrationSession:
     mode: str = "collect"
     topk_during_calibration: bool = True
     keep_mass: float | None = None  # "collect": calibrate to each row's top-P set instead of its top-k
+    keep_mass_floor: bool = False  # with keep_mass: the top-P set joined with the row's top k (at least k kept)
     tables: list[LayerThresholds | None] | None = None  # "apply" mode
     # Sums over samples of the (k+1)-th largest value, per (layer, head, n-1).
     value_sum: torch.Tensor = field(init=False)
@@ -282,10 +283,7 @@ def _collect_and_cut(session, layer, rule, domain, n, short, p):
     k = rule.k
     if bool(short.all()):
         return None, domain.amax(dim=-1)
-    if session.keep_mass is None:
-        kth1 = torch.topk(domain, k + 1, dim=-1).values[..., k]  # leaves exactly k strictly above
-    else:
-        kth1 = mass_cut(p, domain, session.keep_mass)
+    kth1 = row_cut(p, domain, k, session.keep_mass, session.keep_mass_floor)
     long = ~short
     samples = kth1[:, :, long].double()  # [B, H, rows with n > k]
     index = (n[long.cpu()] - 1).to(session.value_sum.device)
@@ -297,6 +295,17 @@ def _collect_and_cut(session, layer, rule, domain, n, short, p):
     keep = domain > kth1[..., None]
     keep[:, :, short] = True  # n <= k rows stay dense (masked positions carry p = 0 / s = -inf)
     return keep, kth1
+
+
+def row_cut(p, domain, k: int, mass: float | None = None, floor: bool = False) -> torch.Tensor:
+    """Per row, the value the kept elements lie strictly above: the (k+1)-th largest (exactly k kept), or
+    with `mass` the largest outside the top-P set, or with `floor` too, below both (the top-P set joined with
+    the top k, since a short row's top-P set can be a handful of elements)."""
+    kth1 = torch.topk(domain, k + 1, dim=-1).values[..., k] if mass is None or floor else None
+    if mass is None:
+        return kth1
+    cut = mass_cut(p, domain, mass)
+    return torch.minimum(cut, kth1) if floor else cut
 
 
 def mass_cut(p, domain, mass: float) -> torch.Tensor:

@@ -94,6 +94,7 @@ STD_WEIGHT = 0.1  # the paper's mean + 0.1·std
 SMOOTH_HALF_WIDTH = 0.15  # smoothing window in ln(n) on each side of a grid point
 KEEP_MASS_RULE = ("θ(layer, head, n) from the largest element outside each row's top-P set (the fewest largest "
                   "elements whose dense attention mass reaches P), mean + 0.1·std as for top-k")
+KEEP_MASS_FLOOR_RULE = "rows with n > k keep the union of their top-P set and their k largest elements"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = {"cuda": "bfloat16", "cpu": "float32"}
 
@@ -172,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibrate each head's θ to the row's top-P set (the fewest largest elements holding "
                         "attention mass P, e.g. 0.9) instead of its top-k: heads with flat rows keep more; "
                         f"rows with n <= --k stay dense (default {KEEP_MASS_DENSE_ROWS})")
+    p.add_argument("--keep-mass-floor", action="store_true",
+                   help="with keep mass (--keep-mass or a --target-loss search over it): every row with n > --k "
+                        "also keeps its k largest elements (the top-P set joined with the top k)")
     p.add_argument("--layer-k", type=parse_layer_k, default={}, metavar="LAYER:K,...",
                    help="per-layer k, e.g. '0:512,1:512' (the paper's first layers); each layer gets its own n grid")
     p.add_argument("--dense-layers", type=parse_layers, default=[], metavar="LAYER,...",
@@ -210,6 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if given:
             raise CalibrationError(f"--keep-mass sets every head's budget from its own rows; drop {given[0]} "
                                    "(or drop --keep-mass)")
+    if args.keep_mass_floor and not keeps_mass(args):
+        raise CalibrationError("--keep-mass-floor adds a floor to a keep-mass file; add --keep-mass P (or "
+                               "--target-loss with --search keep-mass or best), or drop --keep-mass-floor")
     if args.k is None:
         args.k = (KEEP_MASS_DENSE_ROWS if keeps_mass(args) else
                   DEFAULT_K if args.budget_k is None else args.budget_k)  # the file's target_k
@@ -494,7 +501,7 @@ def run_key(args, config, corpus: Corpus, device: str, dtype: str) -> dict:
         "--budget-seqs": args.budget_seqs if allocates(args) else None,
         "--budget-objective": args.budget_objective if allocates(args) else None,
         "--target-loss": args.target_loss, "--search": args.search if args.target_loss is not None else None,
-        "--keep-mass": args.keep_mass,
+        "--keep-mass": args.keep_mass, "--keep-mass-floor": args.keep_mass_floor,
         "--num-seqs": args.num_seqs, "--seq-len": args.seq_len, "--heldout-seqs": args.heldout_seqs,
         "--no-topk-during-calibration": args.no_topk_during_calibration, "--device": device, "--dtype": dtype,
     }
@@ -675,7 +682,8 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
     rules = args_layer_rules(args, plan.num_layers, plan.dense_reasons, k, layer_k)
     session = CalibrationSession(plan.num_layers, num_heads, args.seq_len, rules, device=plan.device,
                                  topk_during_calibration=not args.no_topk_during_calibration,
-                                 block_size=args.block_size, keep_mass=keep_mass)
+                                 block_size=args.block_size, keep_mass=keep_mass,
+                                 keep_mass_floor=args.keep_mass_floor)
     run_sequences(model, plan.calibration, session, plan, f"{phase_prefix}calibrating")
     grids = layer_grids(rules, args.seq_len, args.grid_points)
     thresholds = aggregate(session, rules, grids, args.placement)
@@ -708,6 +716,8 @@ def calibrate_at(plan: Plan, model, num_heads: int, allocation: Allocation | Non
     )
     if keep_mass is not None:
         file.provenance.keep_mass = {"mass": keep_mass, "rule": KEEP_MASS_RULE}  # type: ignore[attr-defined]
+        if args.keep_mass_floor:
+            file.provenance.keep_mass |= {"at_least_k": True, "floor_rule": KEEP_MASS_FLOOR_RULE}  # type: ignore[attr-defined]
     if allocation is not None:
         file.provenance.budget = allocation.provenance(args.budget_seqs, args.seq_len)  # type: ignore[attr-defined]
     heldout = heldout_check(model, file, rules, plan, dense_ppl, f"{phase_prefix}held-out check")
@@ -776,7 +786,9 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
     layer_k = "".join(f", layer {layer}: k={k}" for layer, k in file.layer_k.items())
     vmc = f"{file.compensation.vmc_scope} VMC" if file.compensation.vmc else "no VMC"
     mass = file.keep_mass()
-    keep = f"keep mass {mass:g} per head, rows with n <= {file.target_k} dense" if mass is not None else f"k={file.target_k}"
+    floor = ", at least k per row" if mass is not None and file.provenance.keep_mass.get("at_least_k") else ""
+    keep = (f"keep mass {mass:g} per head{floor}, rows with n <= {file.target_k} dense" if mass is not None
+            else f"k={file.target_k}")
     print(f"  rule         {keep}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "
           f"{vmc}, dense: {describe_dense(plan.dense_reasons)}")
     budget = getattr(file.provenance, "budget", None)

@@ -71,3 +71,25 @@ def test_a_keep_mass_run_reports_its_mass_and_mean_kept_not_kept_over_k():
     assert "kept/k" not in mass
     top_k = telemetry.summary_line(per_layer, telemetry.RunMode(16, False, 1, 1, (0,)))
     assert "k=16, 1 of 1 layers thresholded" in top_k and "kept/k 3.00 on rows with n > k" in top_k
+
+
+def test_the_floor_joins_the_top_p_set_with_the_top_k():
+    from vllm_topt.calibration.attention import row_cut
+
+    torch.manual_seed(1)
+    scores = torch.randn(2, 4, 30, 120) * torch.linspace(0.5, 6, 4)[None, :, None, None]  # flat to peaked heads
+    p = torch.softmax(scores, dim=-1)
+    k = 16
+    top_p = p > row_cut(p, p, k, 0.85)[..., None]
+    top_k = p > row_cut(p, p, k)[..., None]
+    assert bool((top_k.sum(dim=-1) == k).all())  # exactly k without a mass
+    floored = p > row_cut(p, p, k, 0.85, floor=True)[..., None]
+    assert torch.equal(floored, top_p | top_k)
+    assert bool((floored.sum(dim=-1) >= k).all()) and bool((top_p.sum(dim=-1) < k).any())  # the floor bound
+
+
+def test_the_floor_needs_a_keep_mass_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "load_weights", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    out = ["--model", MODEL, "--out", str(tmp_path / "x.json")]
+    assert "--keep-mass-floor adds a floor to a keep-mass file" in refusal([*out, "--keep-mass-floor"])
+    assert "--keep-mass-floor adds a floor" in refusal([*out, "--keep-mass-floor", "--target-loss", "--search", "mean-k"])

@@ -268,7 +268,8 @@ def describe(thresholds: ThresholdFile) -> str:
     comp = thresholds.compensation
     mass = thresholds.keep_mass()
     if mass is not None:
-        k = f"keep mass {mass:g} per head (rows with n <= {thresholds.target_k} dense)"
+        floor = ", at least k per row" if thresholds.provenance.keep_mass.get("at_least_k") else ""
+        k = f"keep mass {mass:g} per head{floor} (rows with n <= {thresholds.target_k} dense)"
     else:
         k = f"mean k={thresholds.target_k} (per-layer budget)" if thresholds.layer_k else f"k={thresholds.target_k}"
     vmc = "no VMC" if not comp.vmc else (
