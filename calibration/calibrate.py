@@ -786,7 +786,7 @@ def print_summary(file: ThresholdFile, heldout: dict, plan: Plan, seconds: float
     layer_k = "".join(f", layer {layer}: k={k}" for layer, k in file.layer_k.items())
     vmc = f"{file.compensation.vmc_scope} VMC" if file.compensation.vmc else "no VMC"
     mass = file.keep_mass()
-    floor = ", at least k per row" if mass is not None and file.provenance.keep_mass.get("at_least_k") else ""
+    floor = f", at least {file.target_k} per row" if mass is not None and file.provenance.keep_mass.get("at_least_k") else ""
     keep = (f"keep mass {mass:g} per head{floor}, rows with n <= {file.target_k} dense" if mass is not None
             else f"k={file.target_k}")
     print(f"  rule         {keep}{layer_k}, {file.placement}, sdc={file.compensation.sdc}, "

@@ -268,7 +268,7 @@ def describe(thresholds: ThresholdFile) -> str:
     comp = thresholds.compensation
     mass = thresholds.keep_mass()
     if mass is not None:
-        floor = ", at least k per row" if thresholds.provenance.keep_mass.get("at_least_k") else ""
+        floor = f", at least {thresholds.target_k} per row" if thresholds.provenance.keep_mass.get("at_least_k") else ""
         k = f"keep mass {mass:g} per head{floor} (rows with n <= {thresholds.target_k} dense)"
     else:
         k = f"mean k={thresholds.target_k} (per-layer budget)" if thresholds.layer_k else f"k={thresholds.target_k}"
