@@ -584,7 +584,7 @@ def print_block(rows: list[dict], args, seconds: float, domain: str | None = Non
     if args.task == "needle":
         for r in rows:
             for length, d in (r.get("by_length") or {}).items():
-                kk = "-" if d["kept_over_k"] is None else f"{d['kept_over_k']:.2f}"
+                kk = "-" if d["kept_over_k"] is None or r.get("keep_mass") is not None else f"{d['kept_over_k']:.2f}"
                 print(f"  {r['backend']:<8} {length:>6} tokens: {100 * d['element_density']:.1f}% elements, "
                       f"{100 * d['v_row_density']:.1f}% V rows, {100 * d['v_block_density']:.1f}% V blocks, "
                       f"kept/k {kk} ({d['decode_rows']} rows)")
