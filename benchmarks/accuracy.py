@@ -256,11 +256,11 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
     rules, tables = [p.rule for p in plan], [p.thresholds for p in plan]
     L, H = file.model.num_layers, file.model.num_heads
     session_mode = {"dense": "dense", "topt": "apply", "topk": "topk", "topk-equal": "topk"}
-    results, equal_k = {}, None
+    results, equal_k, topt_session = {}, None, None
     for mode in modes:
         mode_rules = rules
         if mode == "topk-equal":
-            equal_k = equal_density_k(results["topt"]["session"], rules)
+            equal_k = equal_density_k(topt_session, rules)
             mode_rules = [dataclasses.replace(r, k=equal_k[layer]) if layer in equal_k else r
                           for layer, r in enumerate(rules)]
         session = CalibrationSession(L, H, max(len(w) for w in windows), mode_rules, mode=session_mode[mode],
@@ -283,12 +283,11 @@ def perplexity_eval(model, windows: list[list[int]], file, modes=("dense", "topt
                 "v_block_density": c.v_block_density, "kept_over_k": c.kept_over_k, "rows": c.rows,
                 "per_layer_element_density": [x.element_density for x in session.counts_by_layer],
             }
-            row["session"] = session
+        if mode == "topt":
+            topt_session = session
         if mode == "topk-equal":
             row["layer_k"] = equal_k
         results[mode] = row
-    for row in results.values():
-        row.pop("session", None)
     return results
 
 

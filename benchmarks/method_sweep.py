@@ -57,11 +57,10 @@ METHODS = {
     "budget+block": (lambda k: ["--budget-k", str(k), "--vmc-scope", "block"], "block", "topt"),
     "first-layers": (lambda k: ["--k", str(k), "--layer-k", PAPER_FIRST_LAYERS_K], "sequence", "topt"),
     "top-k": (lambda k: ["--k", str(k)], "sequence", "topk"),
-    "keep-mass+block": (lambda p: ["--k", str(KEEP_MASS_DENSE_ROWS), "--keep-mass", str(p), "--vmc-scope", "block"],
-                        "block", "topt"),
+    "keep-mass+block": (lambda p: ["--k", str(calib.KEEP_MASS_DENSE_ROWS), "--keep-mass", str(p),
+                                   "--vmc-scope", "block"], "block", "topt"),
 }
 MASS_METHODS = {"keep-mass+block"}  # swept over --masses (P) instead of --ks (mean k)
-KEEP_MASS_DENSE_ROWS = 16  # the keep-mass files' k: rows this short stay dense
 
 
 def parse_args(argv=None) -> argparse.Namespace:

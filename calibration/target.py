@@ -60,9 +60,12 @@ SELECTION_RULE = ("of the searches' chosen files, the one with the fewest held-o
 DEFAULT_TARGET_LOSS_PCT = 0.12
 
 
+KNOB_NAMED = {knob.name: knob for knob in KNOBS.values()}  # by the name the file records
+
+
 def knob_of(target: dict) -> Knob:
     """The knob a recorded search varied (files from before keep-mass searches record none: mean k)."""
-    return {knob.name: knob for knob in KNOBS.values()}[target.get("searched", MEAN_K.name)]
+    return KNOB_NAMED[target.get("searched", MEAN_K.name)]
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Trial:
         return self.heldout["perplexity"]["loss_pct"]
 
     def summary(self) -> dict:
-        return {knob_of({"searched": self.knob}).trial_key: self.value, "loss_pct": self.loss_pct,
+        return {KNOB_NAMED[self.knob].trial_key: self.value, "loss_pct": self.loss_pct,
                 "element_density": self.heldout["element_density"], "v_row_density": self.heldout["v_row_density"]}
 
     def record(self) -> dict:
