@@ -31,7 +31,6 @@ PERPLEXITY_RESULTS = {
     "smollm2-135m-instruct.k32.post-softmax.json": "accuracy_perplexity_smollm2_speed_bbc.json",
     "smollm2-135m-instruct.k48.post-softmax.quality.json": "quality_point_smollm2.json",
     "qwen2.5-coder-0.5b-instruct.k32.post-softmax.json": "accuracy_perplexity_qwen0.5b_speed_bbc.json",
-    "qwen2.5-coder-0.5b-instruct.k48.post-softmax.quality.json": "accuracy_perplexity_qwen0.5b_quality_bbc.json",
     "qwen2.5-coder-1.5b-instruct.k48.post-softmax.quality.json": "accuracy_perplexity_qwen1.5b_quality_bbc.json",
     "gemma3-270m.k32.post-softmax.json": "accuracy_perplexity_gemma3_bbc.json",
 }
