@@ -253,3 +253,23 @@ def test_method_sweep_puts_keep_mass_beside_top_k_on_every_text(tmp_path):
         low, high = by[("keep-mass+block", 0.5, text)], by[("keep-mass+block", 0.95, text)]
         assert low["element_density"] < high["element_density"] < 1.0
         assert high["thresholds"] != low["thresholds"]
+
+
+def test_ood_plot_pairs_each_file_with_its_top_k_on_every_domain(tmp_path, capsys):
+    """benchmarks/plot_ood.py on the committed out-of-domain results: one line per (file, domain), its baseline
+    beside it, and a refusal for results without domains."""
+    import json
+
+    import plot_ood
+
+    results = sorted((ROOT / "benchmarks" / "results").glob("accuracy_ood_*.json"))
+    out = tmp_path / "ood.png"
+    plot_ood.main([*map(str, results), "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = capsys.readouterr().out.splitlines()
+    topt_rows = [row for path in results for row in json.loads(path.read_text())["rows"] if row["backend"] == "topt"]
+    table = [line for line in lines if line.split()[0] in {row["model"] for row in topt_rows}]
+    assert len(table) == len(topt_rows)
+    assert not any(line.rstrip().endswith(" -") for line in table)  # every file has its top-k on every domain
+    with pytest.raises(SystemExit, match="no --domain rows"):
+        plot_ood.main([str(ROOT / "benchmarks" / "results" / "sweep_smollm2.json")])
