@@ -25,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="accuracy.py JSON files with --domain rows")
     p.add_argument("--plot", help="write the figure here (PNG)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/accuracy.md)")
     return p.parse_args(argv)
 
 
@@ -41,30 +42,55 @@ def points(results: list[dict]) -> list[dict]:
     rows = []
     for result in results:
         thresholds = result["thresholds"]
+        dense = {row["domain"]: row["score"] for row in result["rows"] if row["backend"] == "dense"}
         for row in result["rows"]:
             if row.get("domain") is None or row["backend"] == "dense":
                 continue
             rows.append({"model": row["model"], "domain": row["domain"], "thresholds": thresholds,
                          "label": file_label(thresholds, row["model"]), "method": row["backend"],
                          "shipped": thresholds.startswith(SHIPPED_PREFIX), "loss_pct": 100 * row["rel_change"],
+                         "ppl": row["score"], "dense_ppl": dense[row["domain"]], "windows": f"{row['n']} x {row['window']}",
                          "elements_pct": 100 * row["element_density"], "v_rows_pct": 100 * row["v_row_density"]})
     return rows
+
+
+def baseline_of(rows: list[dict], r: dict) -> dict | None:
+    """The top-k row scored beside Top-θ row `r` (same model, domain and file)."""
+    return next((b for b in rows if b["method"] in BASELINES and
+                 (b["model"], b["domain"], b["thresholds"]) == (r["model"], r["domain"], r["thresholds"])), None)
+
+
+def top_theta(rows: list[dict]) -> list[dict]:
+    return sorted((r for r in rows if r["method"] not in BASELINES),
+                  key=lambda r: (r["model"], not r["shipped"], r["label"], r["domain"]))
 
 
 def print_table(rows: list[dict]) -> None:
     """One line per (model, domain, file): Top-θ, then its top-k baseline."""
     print(f"{'model':<28} {'domain':<12} {'file':<28} {'Top-θ':>8} {'elements':>9} {'V rows':>7} "
           f"{'top-k':>8} {'elements':>9}")
-    tops = [r for r in rows if r["method"] not in BASELINES]
-    for r in sorted(tops, key=lambda r: (r["model"], r["domain"], r["elements_pct"])):
-        base = next((b for b in rows if b["method"] in BASELINES and
-                     (b["model"], b["domain"], b["thresholds"]) == (r["model"], r["domain"], r["thresholds"])), None)
+    for r in sorted(top_theta(rows), key=lambda r: (r["model"], r["domain"], r["elements_pct"])):
+        base = baseline_of(rows, r)
         baseline = "-" if base is None else f"{base['loss_pct']:>+7.2f}% {base['elements_pct']:>8.1f}%"
         name = r["label"] + (" *" if r["shipped"] else "")
         print(f"{r['model']:<28} {r['domain']:<12} {name:<28} {r['loss_pct']:>+7.2f}% {r['elements_pct']:>8.1f}% "
               f"{r['v_rows_pct']:>6.1f}% {baseline:>18}")
     print("* shipped (configs/); perplexity vs dense; top-k: exact top-k at the file's k, or at Top-θ's per-layer "
           "density for keep-mass files")
+
+
+def print_markdown(rows: list[dict]) -> None:
+    """The table for docs/accuracy.md: dense, Top-θ and its top-k baseline per (model, file, domain)."""
+    print("| model | file | domain | windows | dense ppl | Top-θ ppl | Top-θ elements / V rows | top-k ppl | "
+          "top-k elements / V rows |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in top_theta(rows):
+        base = baseline_of(rows, r)
+        name = f"`{Path(r['thresholds']).name}`" + (" (shipped)" if r["shipped"] else "")
+        topk = ("- | -" if base is None else f"{base['ppl']:.3f} ({base['loss_pct']:+.2f}%) | "
+                f"{base['elements_pct']:.1f}% / {base['v_rows_pct']:.1f}%")
+        print(f"| {r['model']} | {name} | {r['domain']} | {r['windows']} | {r['dense_ppl']:.3f} | "
+              f"{r['ppl']:.3f} (**{r['loss_pct']:+.2f}%**) | {r['elements_pct']:.1f}% / {r['v_rows_pct']:.1f}% | {topk} |")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -118,7 +144,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{', '.join(missing)}: no --domain rows; give results of "
                          f"`benchmarks/accuracy.py --task perplexity --domain ood`")
     rows = points(results)
-    print_table(rows)
+    print_markdown(rows) if args.markdown else print_table(rows)
     if args.plot:
         plot(rows, args.plot)
 
