@@ -6,7 +6,8 @@ Reads the results of `benchmarks/accuracy.py --task perplexity --domain ...` (it
 threshold file scored, its Top-θ point and its exact top-k baseline (top-k at the file's k, or, for keep-mass
 files, top-k at Top-θ's own per-layer density) on every domain, one panel per (model, domain). The shipped
 files (under configs/) are drawn as stars and named. The shaded box is the quality goal: within 1% of dense
-at no more than 10% of attention elements.
+at no more than 10% of attention elements. For a file that leaves layers dense (Gemma-3's sliding-window
+layers), elements are counted over its thresholded layers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ GOAL_LOSS_PCT = 1.0  # the quality goal: perplexity within 1% of dense ...
 GOAL_ELEMENTS_PCT = 10.0  # ... at no more than 10% of attention elements
 SHIPPED_PREFIX = "configs/"
 BASELINES = ("topk", "topk-equal")  # accuracy.py's exact top-k rows
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,11 +39,28 @@ def file_label(thresholds: str, model: str) -> str:
     return name.replace(".post-softmax", "")
 
 
+def dense_layers(thresholds: str) -> set[int]:
+    """The layers a threshold file leaves dense (Gemma-3's sliding-window layers), if the file is here."""
+    path = ROOT / thresholds
+    return set(json.loads(path.read_text())["dense_layers"]) if path.exists() else set()
+
+
+def elements_pct(row: dict, dense: set[int]) -> float:
+    """Elements kept, in percent: over the thresholded layers when the file leaves some layers dense (their
+    elements are all kept and would hide what Top-θ does), else over all layers."""
+    per_layer = row.get("per_layer_element_density")
+    if not dense or not per_layer:
+        return 100 * row["element_density"]
+    kept = [d for layer, d in enumerate(per_layer) if layer not in dense]
+    return 100 * sum(kept) / len(kept)
+
+
 def points(results: list[dict]) -> list[dict]:
     """One row per (model, domain, threshold file, method): Top-θ or its top-k baseline."""
     rows = []
     for result in results:
         thresholds = result["thresholds"]
+        untouched = dense_layers(thresholds)
         dense = {row["domain"]: row["score"] for row in result["rows"] if row["backend"] == "dense"}
         for row in result["rows"]:
             if row.get("domain") is None or row["backend"] == "dense":
@@ -50,7 +69,8 @@ def points(results: list[dict]) -> list[dict]:
                          "label": file_label(thresholds, row["model"]), "method": row["backend"],
                          "shipped": thresholds.startswith(SHIPPED_PREFIX), "loss_pct": 100 * row["rel_change"],
                          "ppl": row["score"], "dense_ppl": dense[row["domain"]], "windows": f"{row['n']} x {row['window']}",
-                         "elements_pct": 100 * row["element_density"], "v_rows_pct": 100 * row["v_row_density"]})
+                         "elements_pct": elements_pct(row, untouched), "thresholded_only": bool(untouched),
+                         "v_rows_pct": 100 * row["v_row_density"]})
     return rows
 
 
@@ -72,11 +92,11 @@ def print_table(rows: list[dict]) -> None:
     for r in sorted(top_theta(rows), key=lambda r: (r["model"], r["domain"], r["elements_pct"])):
         base = baseline_of(rows, r)
         baseline = "-" if base is None else f"{base['loss_pct']:>+7.2f}% {base['elements_pct']:>8.1f}%"
-        name = r["label"] + (" *" if r["shipped"] else "")
+        name = r["label"] + (" *" if r["shipped"] else "") + (" †" if r["thresholded_only"] else "")
         print(f"{r['model']:<28} {r['domain']:<12} {name:<28} {r['loss_pct']:>+7.2f}% {r['elements_pct']:>8.1f}% "
               f"{r['v_rows_pct']:>6.1f}% {baseline:>18}")
     print("* shipped (configs/); perplexity vs dense; top-k: exact top-k at the file's k, or at Top-θ's per-layer "
-          "density for keep-mass files")
+          "density for keep-mass files; † elements over the thresholded layers only (V rows over all)")
 
 
 def print_markdown(rows: list[dict]) -> None:
@@ -86,7 +106,8 @@ def print_markdown(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in top_theta(rows):
         base = baseline_of(rows, r)
-        name = f"`{Path(r['thresholds']).name}`" + (" (shipped)" if r["shipped"] else "")
+        name = (f"`{Path(r['thresholds']).name}`" + (" (shipped)" if r["shipped"] else "")
+                + (" †" if r["thresholded_only"] else ""))
         topk = ("- | -" if base is None else f"{base['ppl']:.3f} ({base['loss_pct']:+.2f}%) | "
                 f"{base['elements_pct']:.1f}% / {base['v_rows_pct']:.1f}%")
         print(f"| {r['model']} | {name} | {r['domain']} | {r['windows']} | {r['dense_ppl']:.3f} | "
@@ -123,7 +144,8 @@ def plot(rows: list[dict], path: str) -> None:
             ax.set_ylim(min(-0.5, min(ys) - 0.3), max(GOAL_LOSS_PCT + 0.5, max(ys) + 0.3))
             ax.set_xlabel("attention elements kept (%)")
             ax.set_ylabel("perplexity vs dense (%)")
-            ax.set_title(f"{model}\n{domain}", fontsize=9)
+            scope = " (elements of the thresholded layers)" if any(r["thresholded_only"] for r in panel) else ""
+            ax.set_title(f"{model}\n{domain}{scope}", fontsize=9)
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker=m, color=c, linestyle="", markersize=s, label=label)
                for m, c, s, label in (("*", "tab:red", 11, "Top-θ, shipped file"), ("o", "tab:blue", 6, "Top-θ"),
