@@ -1,6 +1,6 @@
 """Perplexity against element density on each out-of-domain text, one point per threshold file.
 
-    python benchmarks/plot_ood.py benchmarks/results/accuracy_ood_*.json --plot docs/ood_operating_points.png
+    python benchmarks/plot_ood.py benchmarks/results/accuracy_ood_*.json --plot benchmarks/results/ood_operating_points.png
 
 Reads the results of `benchmarks/accuracy.py --task perplexity --domain ...` (it runs no model): for each
 threshold file scored, its Top-θ point and its exact top-k baseline (top-k at the file's k, or, for keep-mass
